@@ -1,0 +1,733 @@
+"""maml.py: Model-Agnostic Meta-Learning, second-order and first-order.
+
+Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+ICML 2017. This file implements Algorithm 2 (MAML for few-shot supervised learning):
+
+    Alg. 2 line 3     sample a batch of tasks T_i ~ p(T)          train(): sample_batch()
+    Alg. 2 lines 5-7  θ'_i = θ − α ∇θ L_Ti(f_θ) on K examples      adapt()
+    Alg. 2 line 8     sample D'_i, the query set of each task       sample_batch()
+    Alg. 2 line 10    θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i) (Adam)          meta_step()
+    §5.2              first-order MAML drops the second derivatives: adapt(first_order=True)
+
+Symbols, named the same in every script of this project:
+    θ   params           meta-parameters, a dict of tensors
+    θ'  fast             adapted parameters, one copy per task (leading dimension T)
+    α   inner_lr         inner-loop step size
+    β   outer_lr         step size of the meta-update (Adam)
+    N   ways             classes per task
+    K   shots            support examples per class (regression: points per task)
+    Q   query            query examples per class for the meta-update (D'_i)
+    T   meta_batch_size  tasks per meta-update
+
+Run:    python maml.py            (sinusoid regression, CPU, about 3 minutes)
+        python maml.py --help     (every flag with its paper symbol and value)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+
+# ---------------------------------------------------------------------------------------------
+# Config: the paper's settings (Appendix A.1, §5.1) and the command line
+# ---------------------------------------------------------------------------------------------
+
+# The loss is averaged over the support set, as PyTorch ports do. The reference code
+# (cbfinn/maml) sums the cross-entropy over the N·K support examples and divides by K, i.e.
+# N times our mean, so its α equals N·α in our convention. We keep the paper's α values as
+# printed; the README shows both conventions. Regression uses the mean squared error in both.
+PAPER_SETTINGS = {
+    # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
+    "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
+                     meta_batch_size=25, outer_lr=1e-3, iterations=70000),
+    # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, evaluated with 3 steps; 60k iterations.
+    # The reference code uses K query examples per class (D'_i as large as D_i).
+    "omniglot-5way": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch_size=32,
+                          outer_lr=1e-3, iterations=60000),
+    # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
+    "omniglot-20way": dict(inner_lr=0.1, inner_steps=5, eval_steps=5, meta_batch_size=16,
+                           outer_lr=1e-3, iterations=60000),
+    # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot)
+    "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
+                         outer_lr=1e-3, iterations=60000),
+}
+# `python maml.py` with no arguments must finish in about 3 minutes on 2 CPU cores; --full
+# gives the paper's 70k iterations.
+QUICK_SINUSOID_ITERATIONS = 30000
+
+
+def paper_settings(dataset, ways, shots):
+    if dataset == "sinusoid":
+        return dict(PAPER_SETTINGS["sinusoid"])
+    if dataset == "omniglot":
+        s = dict(PAPER_SETTINGS["omniglot-20way" if ways >= 20 else "omniglot-5way"])
+        s["query"] = shots
+        return s
+    s = dict(PAPER_SETTINGS["miniimagenet"])  # also the default for an image folder
+    s["meta_batch_size"] = 4 if shots == 1 else 2
+    return s
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="MAML and first-order MAML (Finn et al. 2017). Flags left unset take the "
+                    "paper's value for the chosen dataset (Appendix A.1, §5.1).",
+        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
+      help="task distribution: sinusoid (§5.1), omniglot / miniimagenet (§5.2), or an image folder")
+    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
+      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
+    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
+    a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
+    a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
+    a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
+      "(paper: K on Omniglot, 15 on MiniImageNet, 10 sinusoid points)")
+    a("--inner-lr", type=float, default=None, help="α, inner step size (paper: 0.01 sinusoid, 0.4 Omniglot 5-way, "
+      "0.1 20-way, 0.01 MiniImageNet), for a loss averaged over the support set")
+    a("--inner-steps", type=int, default=None, help="inner gradient steps in training (paper: 1, 5 for 20-way and MiniImageNet)")
+    a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
+    a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
+    a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
+    a("--first-order", action="store_true", help="first-order MAML (§5.2): no second derivatives")
+    a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "
+      "the sinusoid, the paper's 60000 for classification)")
+    a("--full", action="store_true", help="the paper's length: 70000 sinusoid iterations")
+    a("--sinusoid-variant", choices=["maml", "reptile"], default="maml",
+      help="maml: phase U[0, π] (§5.1); reptile: phase U[0, 2π], query = 50 even points (Reptile §4)")
+    a("--no-baseline", action="store_true", help="sinusoid: skip the 'pretrained on all tasks' baseline of §5.1")
+    a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
+    a("--val-tasks", type=int, default=100, help="validation tasks per validation")
+    a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
+    a("--eval-batch", type=int, default=50, help="tasks adapted at once during evaluation (memory only)")
+    a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
+      help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
+      "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
+    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
+    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
+    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
+    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
+    a("--seed", type=int, default=0, help="seeds the initialization and the task stream")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--out", default=None, help="write the config and final metrics to this JSON file")
+    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
+    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
+    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: MAML Fig. 2; "
+      "classification: the adaptation curve); needs matplotlib")
+    return p
+
+
+def finalize_config(cfg):
+    """Fill unset flags with the paper's settings and reject impossible combinations."""
+    if cfg.eval_only and not cfg.load:
+        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
+        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
+    if cfg.shots is None:
+        cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
+    for k, v in paper_settings(cfg.dataset, cfg.ways, cfg.shots).items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    if cfg.dataset == "sinusoid" and cfg.iterations == PAPER_SETTINGS["sinusoid"]["iterations"] and not cfg.full:
+        cfg.iterations = QUICK_SINUSOID_ITERATIONS
+    if cfg.val_every is None:
+        cfg.val_every = max(1, cfg.iterations // 10)
+    for name in ("ways", "shots", "query", "inner_steps", "meta_batch_size", "iterations",
+                 "val_tasks", "test_tasks", "eval_batch", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if cfg.eval_steps < 0:
+        raise SystemExit("error: --eval-steps must be at least 0")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional models. Every forward takes params with a leading task dimension T, so a whole
+# meta-batch runs as one batched computation: x is (T, B, ...) and the output (T, B, outputs).
+# ---------------------------------------------------------------------------------------------
+
+def init_mlp(sizes, generator):
+    """The 1-40-40-1 ReLU regressor of §5.1, with nn.Linear's uniform initialization."""
+    params = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        bound = 1.0 / math.sqrt(n_in)
+        params[f"fc{i}.w"] = (torch.rand(n_in, n_out, generator=generator) * 2 - 1) * bound
+        params[f"fc{i}.b"] = (torch.rand(n_out, generator=generator) * 2 - 1) * bound
+    return params
+
+
+def mlp_forward(params, x):
+    """x: (T, B, inputs) -> (T, B, outputs)."""
+    layers = len(params) // 2
+    h = x
+    for i in range(1, layers + 1):
+        h = torch.baddbmm(params[f"fc{i}.b"].unsqueeze(1), h, params[f"fc{i}.w"])
+        if i < layers:
+            h = F.relu(h)
+    return h
+
+
+def init_convnet(in_channels, hidden, ways, feature_dim, generator):
+    """The 4-block network of §5.2 (Vinyals et al. 2016): 3x3 conv, BatchNorm, ReLU.
+    No conv bias: BatchNorm's β absorbs it."""
+    params = {}
+    c_in = in_channels
+    for i in range(1, 5):
+        fan_in = c_in * 9
+        params[f"conv{i}.w"] = torch.randn(hidden, c_in, 3, 3, generator=generator) * math.sqrt(2.0 / fan_in)
+        params[f"bn{i}.w"] = torch.ones(hidden)
+        params[f"bn{i}.b"] = torch.zeros(hidden)
+        c_in = hidden
+    bound = 1.0 / math.sqrt(feature_dim)
+    params["fc.w"] = (torch.rand(feature_dim, ways, generator=generator) * 2 - 1) * bound
+    params["fc.b"] = torch.zeros(ways)
+    return params
+
+
+def batch_norm(h, weight, bias, eps=1e-5):
+    """BatchNorm with the statistics of the batch at hand, at training and at test time, as the
+    reference code does (transductive). h: (B, T*C, H, W), so each task's channels have their
+    own statistics. Written out rather than F.batch_norm: its double backward (the MAML
+    meta-gradient) is about 25% cheaper this way on the CPU (tests/benchmark.py)."""
+    mean = h.mean(dim=(0, 2, 3), keepdim=True)
+    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (h - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def conv_forward(params, x, max_pool):
+    """x: (T, B, C, H, W) -> logits (T, B, N).
+
+    Omniglot (max_pool=False): 64 filters, stride-2 convs, then the global average -> 64-d.
+    MiniImageNet (max_pool=True): 32 filters, stride 1 and 2x2 max-pool, flattened -> 800-d.
+    The T tasks sit side by side as channel groups of one grouped convolution."""
+    T, B = x.shape[:2]
+    h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
+    for i in range(1, 5):
+        w = params[f"conv{i}.w"]                                     # (T, C_out, C_in, 3, 3)
+        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=1 if max_pool else 2, padding=1, groups=T)
+        h = F.relu(batch_norm(h, params[f"bn{i}.w"].reshape(-1), params[f"bn{i}.b"].reshape(-1)))
+        if max_pool:
+            h = F.max_pool2d(h, 2)
+    if max_pool:
+        features = h.reshape(B, T, -1)                               # (B, T, C*H*W)
+    else:
+        features = h.mean(dim=(2, 3)).reshape(B, T, -1)              # (B, T, C)
+    return torch.einsum("btd,tdn->tbn", features, params["fc.w"]) + params["fc.b"].unsqueeze(1)
+
+
+def conv_feature_dim(image_size, hidden, max_pool):
+    size = image_size
+    for _ in range(4):
+        size = size // 2 if max_pool else (size + 1) // 2
+    return hidden * size * size if max_pool else hidden
+
+
+def per_task(params, tasks):
+    """θ seen by each of T tasks: (T, *shape) views, whose gradients flow back into θ."""
+    return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+
+
+def mse_per_task(out, y):
+    """Eq. (2) averaged over the examples: (T, B, 1), (T, B, 1) -> (T,)."""
+    return ((out - y) ** 2).mean(dim=(1, 2))
+
+
+def cross_entropy_per_task(out, y):
+    """Cross-entropy (Eq. 3 for N classes) averaged over the examples: (T, B, N), (T, B) -> (T,)."""
+    T, B, N = out.shape
+    return F.cross_entropy(out.reshape(T * B, N), y.reshape(T * B), reduction="none").reshape(T, B).mean(1)
+
+
+def accuracy_per_task(out, y):
+    return (out.argmax(-1) == y).float().mean(1)
+
+
+@dataclass
+class Problem:
+    """What the algorithm needs to know about a task distribution."""
+    params: dict                     # θ at initialization
+    forward: Callable                # forward(params with leading T, x (T, B, ...)) -> (T, B, outputs)
+    loss: Callable                   # loss(out, y) -> (T,)
+    metric: Callable                 # what evaluation reports per task: accuracy or MSE
+    metric_name: str
+    sample: Callable                 # sample(split, tasks, generator) -> x_s, y_s, x_q, y_q
+    has_val: bool = True             # False when the val split has fewer classes than ways
+
+
+def make_problem(cfg, device, splits=None):
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.dataset == "sinusoid":
+        def sample(split, tasks, generator, shots=None, query=None):
+            b = data.sinusoid_tasks(tasks, shots or cfg.shots, query or cfg.query, generator,
+                                    cfg.sinusoid_variant, device)
+            return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
+        return Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
+
+    samplers = {name: data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
+                for name, split in splits.items() if split.num_classes >= cfg.ways}
+    missing = [name for name in splits if name not in samplers]
+    if "train" in missing or "test" in missing:
+        name = "train" if "train" in missing else "test"
+        data.EpisodeSampler(splits[name], cfg.ways, cfg.shots, cfg.query, device, name)  # raises the clear error
+    if missing:
+        print(f"note: the val split has {splits['val'].num_classes} classes, fewer than ways={cfg.ways}; "
+              f"validation is skipped (--rotate-eval adds rotated val/test classes)")
+    channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
+    max_pool = cfg.dataset != "omniglot"
+    hidden = 64 if cfg.dataset == "omniglot" else 32
+    params = init_convnet(channels, hidden, cfg.ways, conv_feature_dim(size, hidden, max_pool), g)
+
+    def forward(p, x):
+        return conv_forward(p, x, max_pool)
+
+    def sample(split, tasks, generator):
+        return samplers[split].sample(tasks, generator)
+    return Problem(params, forward, cross_entropy_per_task, accuracy_per_task, "acc", sample,
+                   has_val="val" in samplers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10)
+# ---------------------------------------------------------------------------------------------
+
+def adapt(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order):
+    """θ'_i for every task of the batch at once. params: (T, ...) tensors, one copy of θ per task.
+    The tasks never mix (separate channel groups and BatchNorm statistics), so the gradient
+    of the summed loss with respect to copy i is task i's own gradient ∇θ L_Ti(f_θ)."""
+    fast = params
+    for _ in range(inner_steps):
+        # Alg. 2 lines 5-6: ∇θ L_Ti(f_θ) on the K support examples D
+        inner_loss = loss_fn(forward(fast, x), y).sum()
+        # Second-order MAML keeps this gradient's graph so that the meta-gradient differentiates
+        # through it (Hessian-vector products); first-order MAML (§5.2) treats it as a constant,
+        # so that ∇θ L(θ') becomes ∇θ' L(θ').
+        grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=not first_order)
+        # Alg. 2 line 7: θ' = θ − α ∇θ L_Ti(f_θ)
+        fast = {k: w - inner_lr * g for (k, w), g in zip(fast.items(), grads)}
+    return fast
+
+
+def meta_loss(params, problem, batch, cfg):
+    """Σ_i L_Ti(f_θ'_i) on the query sets D'_i (Alg. 2 line 10), averaged over the T tasks as
+    the reference code does. Returns the loss and the per-task query metric."""
+    x_s, y_s, x_q, y_q = batch
+    fast = adapt(per_task(params, x_s.shape[0]), problem.forward, problem.loss, x_s, y_s,
+                 cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+    out = problem.forward(fast, x_q)
+    return problem.loss(out, y_q).mean(), problem.metric(out.detach(), y_q)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def meta_step(params, optimizer, problem, batch, cfg):
+    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. Refuses a non-finite loss
+    before it can touch θ."""
+    loss, metric = meta_loss(params, problem, batch, cfg)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), metric.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the adaptation curve of Fig. 3 on unseen tasks, mean ± 95% CI
+# ---------------------------------------------------------------------------------------------
+
+def predict(fast, forward, x_s, x_q, bn_mode):
+    """Query outputs (T, N*Q, ...). transductive: one forward pass over the whole query batch,
+    whose BatchNorm statistics mix the queries, as the reference code does. nontransductive
+    (Reptile §6.1): each query is classified in a batch of the support set plus itself alone."""
+    if bn_mode == "transductive":
+        return forward(fast, x_q)
+    T, S, M = x_s.shape[0], x_s.shape[1], x_q.shape[1]
+    groups = torch.cat([x_s.unsqueeze(1).expand(T, M, *x_s.shape[1:]),
+                        x_q.unsqueeze(2)], dim=2)                    # (T, M, S+1, ...)
+    groups = groups.reshape(T * M, S + 1, *x_s.shape[2:])
+    fast_g = {k: v.repeat_interleave(M, dim=0) for k, v in fast.items()}
+    out = forward(fast_g, groups)[:, -1]                             # (T*M, outputs): the query's row
+    return out.reshape(T, M, *out.shape[1:])
+
+
+def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive"):
+    """Per-task metric after 0, 1, ..., eval_steps inner steps: a (steps+1, tasks) array."""
+    rows = [[] for _ in range(eval_steps + 1)]
+    for x_s, y_s, x_q, y_q in batches:
+        fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
+        for step in range(eval_steps + 1):
+            if step > 0:
+                fast = adapt(fast, problem.forward, problem.loss, x_s, y_s, 1, inner_lr, first_order=True)
+            with torch.no_grad():
+                rows[step].append(problem.metric(predict(fast, problem.forward, x_s, x_q, bn_mode), y_q).cpu())
+    return torch.stack([torch.cat(r) for r in rows]).numpy()
+
+
+def task_batches(problem, split, tasks, batch_size, seed, **kw):
+    """A fixed, seeded set of `tasks` tasks, in batches: the same tasks for every model."""
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < tasks:
+        n = min(batch_size, tasks - done)
+        yield problem.sample(split, n, g, **kw)
+        done += n
+
+
+def mean_ci(values):
+    """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def format_curve(curve, name):
+    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
+
+
+# ---------------------------------------------------------------------------------------------
+# §5.1 baseline: a network pretrained on all sinusoid tasks, then fine-tuned with a tuned α
+# ---------------------------------------------------------------------------------------------
+
+def pretrain_step(params, optimizer, problem, batch):
+    """Plain regression onto random sinusoids: no inner loop, so the network learns the mean
+    output over tasks (App. C.1)."""
+    x_s, y_s, x_q, y_q = batch
+    x, y = torch.cat([x_s, x_q], 1), torch.cat([y_s, y_q], 1)
+    loss = problem.loss(problem.forward(per_task(params, x.shape[0]), x), y).mean()
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the pretraining loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+FINE_TUNE_LRS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2)
+SINUSOID_EVAL_SHOTS = (5, 10, 20)
+SINUSOID_EVAL_POINTS = 100   # query points per test task; the MSE's expectation does not depend on it
+
+
+def sinusoid_table(cfg, problem, maml_params, pretrained_params):
+    """MSE after 0..eval_steps steps for K = 5, 10, 20: MAML (with its α) against the pretrained
+    network (with the α that did best on separate validation tasks, the paper's 'automatically
+    tuned step size'). Both see the same test tasks."""
+    results = {}
+    for K in SINUSOID_EVAL_SHOTS:
+        def tasks(split, n, seed):
+            return task_batches(problem, split, n, cfg.eval_batch, seed, shots=K, query=SINUSOID_EVAL_POINTS)
+        entry = {"maml": adaptation_curve(maml_params, problem, tasks("test", cfg.test_tasks, cfg.seed + 2),
+                                          cfg.inner_lr, cfg.eval_steps)}
+        if pretrained_params is not None:
+            score = {lr: adaptation_curve(pretrained_params, problem, tasks("val", cfg.val_tasks, cfg.seed + 1),
+                                          lr, cfg.eval_steps)[-1].mean() for lr in FINE_TUNE_LRS}
+            best = min(score, key=score.get)
+            entry["pretrained"] = adaptation_curve(pretrained_params, problem, tasks("test", cfg.test_tasks, cfg.seed + 2),
+                                                   best, cfg.eval_steps)
+            entry["pretrained_lr"] = best
+        results[K] = entry
+    return results
+
+
+def print_sinusoid_table(results, eval_steps):
+    steps = [s for s in (0, 1, 5, 10) if s <= eval_steps]
+    paper = {("maml", 5): "0.67 / 0.38 / 0.35", ("pretrained", 5): "2.41 / 2.23 / 2.19"}
+    print(f"\nSinusoid regression, MSE ± 95% CI after k fine-tuning steps (MAML Table 2 / Fig. 6)")
+    print(f"{'K':>3} {'model':<11} " + " ".join(f"{'k=' + str(s):>15}" for s in steps) + "   paper k=1/5/10")
+    for K, entry in results.items():
+        for name in ("maml", "pretrained"):
+            if name in entry:
+                cells = " ".join(f"{m:7.3f} ± {c:5.3f}" for m, c in (mean_ci(entry[name][s]) for s in steps))
+                print(f"{K:>3} {name:<11} {cells}   {paper.get((name, K), '')}")
+    if "pretrained_lr" in next(iter(results.values())):
+        print("pretrained fine-tuning α (tuned on validation tasks): "
+              + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
+
+
+def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr):
+    """MAML Fig. 2: one test sinusoid, K = 5 points, the model before and after 1 and 10 steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    b = data.sinusoid_tasks(1, 5, 200, g, cfg.sinusoid_variant)
+    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1)
+    truth = b["amplitude"] * torch.sin(grid - b["phase"])
+    models = [("MAML", maml_params, cfg.inner_lr)]
+    if pretrained_params is not None:
+        models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, (name, params, lr) in zip(axes[0], models):
+        params = {k: v.detach().cpu() for k, v in params.items()}
+        fast = {k: v.requires_grad_() for k, v in per_task(params, 1).items()}
+        ax.plot(grid[0, :, 0], truth[0, :, 0], "r", label="ground truth")
+        for step in range(11):
+            if step in (0, 1, 10):
+                with torch.no_grad():
+                    ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--" if step == 0 else "-",
+                            label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
+            fast = adapt(fast, mlp_forward, mse_per_task, b["x_support"], b["y_support"], 1, lr, True)
+        ax.plot(b["x_support"][0, :, 0], b["y_support"][0, :, 0], "^", color="purple", label="K = 5 points")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
+
+
+def plot_curve(path, curve, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stats = [mean_ci(r) for r in curve]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3)
+    ax.set_xlabel("inner gradient steps at test time")
+    ax.set_ylabel("query accuracy")
+    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {'FO' if cfg.first_order else ''}MAML")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)   # atomic: a crash leaves the previous checkpoint intact
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not {"params", "config", "iteration"} <= set(state):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project "
+                         f"(expected a dict with params, config, iteration)")
+    return state
+
+
+# Flags that do not change what training computes, so they may differ on --resume / --load.
+RUNTIME_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "iterations", "full",
+                 "test_tasks", "eval_batch", "bn_mode", "test_dir", "data_dir", "eval_steps", "val_tasks"}
+
+
+def merge_checkpoint_config(cfg, saved, given):
+    """The checkpoint's config, with runtime flags from the command line. A training flag given
+    on the command line that contradicts the checkpoint is an error, not silently ignored."""
+    merged = argparse.Namespace(**saved)
+    for k, v in vars(cfg).items():
+        if k in RUNTIME_FLAGS:
+            if k in given or not hasattr(merged, k):
+                setattr(merged, k, v)
+        elif k in given and saved.get(k) != v:
+            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved.get(k)}")
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_splits(cfg):
+    if cfg.dataset == "sinusoid":
+        return None
+    if cfg.dataset == "omniglot":
+        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval)
+    elif cfg.dataset == "miniimagenet":
+        splits = data.load_miniimagenet(cfg.data_dir)
+    else:
+        splits = data.load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
+    if cfg.test_dir:
+        # The trained network fixes the image format: Omniglot's is 28x28 grayscale with ink = 1.
+        size, channels = splits["train"].images.shape[2], splits["train"].images.shape[1]
+        splits["test"] = data.load_image_folder_classes(cfg.test_dir, size, channels,
+                                                        invert=cfg.dataset == "omniglot")
+    return splits
+
+
+def evaluate(cfg, problem, params, split, tasks, seed):
+    batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
+    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode)
+
+
+def train(cfg, problem, state):
+    """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it)."""
+    device = torch.device(cfg.device)
+    params = {k: v.to(device).requires_grad_() for k, v in state["params"].items()}
+    optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
+    task_gen = torch.Generator()
+    task_gen.manual_seed(cfg.seed)
+    baseline = None
+    if cfg.dataset == "sinusoid" and not cfg.no_baseline:
+        b_params = {k: v.to(device).requires_grad_() for k, v in state["baseline_params"].items()}
+        b_optimizer = torch.optim.Adam(b_params.values(), lr=cfg.outer_lr)
+        b_gen = torch.Generator()
+        b_gen.manual_seed(cfg.seed + 100)
+        baseline = (b_params, b_optimizer, b_gen)
+    if "optimizer" in state:  # resuming
+        optimizer.load_state_dict(state["optimizer"])
+        task_gen.set_state(state["rng"]["tasks"])
+        if baseline:
+            b_optimizer.load_state_dict(state["baseline_optimizer"])
+            b_gen.set_state(state["rng"]["baseline_tasks"])
+    history = state.get("history", [])
+    running = state.get("running")   # smoothed training loss and metric, for the bar and the log
+
+    def checkpoint(iteration):
+        out = {"params": {k: v.detach().cpu() for k, v in params.items()},
+               "optimizer": optimizer.state_dict(), "config": vars(cfg), "iteration": iteration,
+               "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
+        if baseline:
+            out["baseline_params"] = {k: v.detach().cpu() for k, v in b_params.items()}
+            out["baseline_optimizer"] = b_optimizer.state_dict()
+            out["rng"]["baseline_tasks"] = b_gen.get_state()
+        return out
+
+    from tqdm import tqdm
+    start = state["iteration"]
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="meta-train",
+               dynamic_ncols=True, mininterval=0.5)
+    started = time.time()
+    for it in bar:
+        # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
+        batch = problem.sample("train", cfg.meta_batch_size, task_gen)
+        try:
+            loss, metric = meta_step(params, optimizer, problem, batch, cfg)
+            if baseline:
+                pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
+        except NonFiniteLoss as e:
+            bar.close()
+            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
+            raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
+                             f"--inner-lr or --outer-lr){kept}") from None
+        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
+                                                          0.98 * running[1] + 0.02 * metric)
+        bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
+        done = it + 1
+        if done % cfg.val_every == 0 or done == cfg.iterations:
+            curve = evaluate(cfg, problem, params, "val", cfg.val_tasks, cfg.seed + 1) if problem.has_val else None
+            line = {"iteration": done, "train_loss": round(running[0], 5),
+                    f"train_{problem.metric_name}": round(running[1], 5)}
+            if curve is not None:
+                line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
+            line["elapsed_s"] = round(time.time() - started, 1)
+            history.append(line)
+            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+            if cfg.save:
+                save_checkpoint(cfg.save, checkpoint(done))
+    bar.close()
+    return checkpoint(cfg.iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Flags whose value differs from the default count as given (for --resume / --load).
+    defaults = vars(parser.parse_args([]))
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    source = args.resume or args.load
+    saved = load_checkpoint(source) if source else None
+    cfg = merge_checkpoint_config(args, saved["config"], given) if saved else args
+    cfg = finalize_config(cfg)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    try:
+        splits = load_splits(cfg)
+        problem = make_problem(cfg, device, splits)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    if saved:
+        if set(saved["params"]) != set(problem.params) or any(
+                saved["params"][k].shape != problem.params[k].shape for k in problem.params):
+            raise SystemExit(f"error: the parameters in {source} do not fit this model "
+                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
+        state = saved
+    else:
+        state = {"params": problem.params, "iteration": 0}
+        if cfg.dataset == "sinusoid" and not cfg.no_baseline:
+            state["baseline_params"] = init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(cfg.seed + 100))
+
+    started = time.time()
+    if not cfg.eval_only:
+        if state["iteration"] >= cfg.iterations:
+            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
+        else:
+            state = train(cfg, problem, state)
+    train_seconds = time.time() - started
+    params = {k: v.to(device) for k, v in state["params"].items()}
+    results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
+               "iteration": state["iteration"], "history": state.get("history", [])}
+
+    if cfg.dataset == "sinusoid":
+        pretrained = state.get("baseline_params")
+        pretrained = {k: v.to(device) for k, v in pretrained.items()} if pretrained else None
+        table = sinusoid_table(cfg, problem, params, pretrained)
+        print_sinusoid_table(table, cfg.eval_steps)
+        results["test"] = {f"K={K}": {name: [mean_ci(r) for r in curve] for name, curve in entry.items()
+                                      if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
+                           for K, entry in table.items()}
+        if cfg.plot:
+            plot_sinusoid("maml_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, params,
+                          pretrained, table[5].get("pretrained_lr"))
+    else:
+        curve = evaluate(cfg, problem, params, "test", cfg.test_tasks, cfg.seed + 2)
+        print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, "
+              f"{cfg.bn_mode} BatchNorm, accuracy ± 95% CI after k steps (α = {cfg.inner_lr}):")
+        print("  " + format_curve(curve, "acc"))
+        m, c = mean_ci(curve[-1])
+        print(f"test_acc={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
+        results["test"] = {"accuracy_by_step": [mean_ci(r) for r in curve], "accuracy": m, "ci95": c}
+        if cfg.plot:
+            plot_curve("maml_curve.png" if cfg.plot == "auto" else cfg.plot, curve, cfg)
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {cfg.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The mathematics of maml.py: meta-gradients against finite differences and closed forms,
+the batched-tasks trick against one task at a time, BatchNorm, and reproducibility."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import maml
+
+torch.set_default_dtype(torch.float32)
+
+
+def mlp_problem(sizes=(1, 4, 4, 1), seed=0, dtype=torch.float64):
+    params = {k: v.to(dtype) for k, v in maml.init_mlp(list(sizes), torch.Generator().manual_seed(seed)).items()}
+    return maml.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+
+
+def sinusoid_batch(tasks=3, shots=5, query=7, seed=0, dtype=torch.float64):
+    b = data.sinusoid_tasks(tasks, shots, query, torch.Generator().manual_seed(seed))
+    return tuple(b[k].to(dtype) for k in ("x_support", "y_support", "x_query", "y_query"))
+
+
+def meta_grad(params, problem, batch, cfg):
+    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    loss, _ = maml.meta_loss(params, problem, batch, cfg)
+    return loss, torch.autograd.grad(loss, list(params.values()))
+
+
+def test_meta_gradient_matches_finite_differences():
+    """∇θ of the post-adaptation query loss (two inner steps, second order) against central
+    differences of the same loss, in float64."""
+    problem = mlp_problem()
+    batch = sinusoid_batch()
+    cfg = SimpleNamespace(inner_steps=2, inner_lr=0.05, first_order=False)
+    _, grads = meta_grad(problem.params, problem, batch, cfg)
+    eps = 1e-6
+    for (name, p), g in zip(problem.params.items(), grads):
+        fd = torch.zeros_like(p)
+        for i in range(p.numel()):
+            for sign in (1, -1):
+                shifted = dict(problem.params)
+                q = p.clone().reshape(-1)
+                q[i] += sign * eps
+                shifted[name] = q.reshape(p.shape)
+                with torch.enable_grad():
+                    loss, _ = maml.meta_loss({k: v.clone().requires_grad_() for k, v in shifted.items()},
+                                             problem, batch, cfg)
+                fd.reshape(-1)[i] += sign * loss.item() / (2 * eps)
+        torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-7, msg=f"parameter {name}")
+
+
+def linear_problem(dim, dtype=torch.float64):
+    def forward(params, x):            # f(x) = x·w, with x (T, B, d), w (T, d, 1)
+        return x @ params["w"]
+    w = torch.randn(dim, 1, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return maml.Problem({"w": w}, forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+
+
+def test_one_step_meta_gradient_closed_form():
+    """Linear regression, L(w) = mean((Xw − y)²): ∇L = (2/n) Xᵀ(Xw − y), H = (2/n) XᵀX, and the
+    one-step MAML gradient is (I − αH_s) ∇L_q(w′) with w′ = w − α∇L_s(w)."""
+    d, n_s, n_q, alpha = 3, 4, 6, 0.1
+    g = torch.Generator().manual_seed(0)
+    X_s, y_s = torch.randn(1, n_s, d, generator=g, dtype=torch.float64), torch.randn(1, n_s, 1, generator=g, dtype=torch.float64)
+    X_q, y_q = torch.randn(1, n_q, d, generator=g, dtype=torch.float64), torch.randn(1, n_q, 1, generator=g, dtype=torch.float64)
+    problem = linear_problem(d)
+    w = problem.params["w"]
+    cfg = SimpleNamespace(inner_steps=1, inner_lr=alpha, first_order=False)
+    _, (grad,) = meta_grad(problem.params, problem, (X_s, y_s, X_q, y_q), cfg)
+
+    Xs, Xq, ys, yq = X_s[0], X_q[0], y_s[0], y_q[0]
+    grad_s = 2 / n_s * Xs.T @ (Xs @ w - ys)
+    H_s = 2 / n_s * Xs.T @ Xs
+    w_prime = w - alpha * grad_s
+    grad_q = 2 / n_q * Xq.T @ (Xq @ w_prime - yq)
+    expected = (torch.eye(d, dtype=torch.float64) - alpha * H_s) @ grad_q
+    torch.testing.assert_close(grad, expected)
+
+    # First-order MAML (§5.2): the gradient at θ′ itself, which differs here because H_s ≠ 0.
+    cfg.first_order = True
+    _, (fo_grad,) = meta_grad(problem.params, problem, (X_s, y_s, X_q, y_q), cfg)
+    torch.testing.assert_close(fo_grad, grad_q)
+    assert (fo_grad - grad).abs().max() > 1e-3
+
+
+def test_first_order_gradient_is_query_gradient_at_adapted_params():
+    """FOMAML on the MLP, two steps: the meta-gradient equals ∇θ′ L_q(θ′), averaged over tasks,
+    and differs from second-order MAML (the ReLU net's Hessian is not zero)."""
+    problem = mlp_problem()
+    batch = sinusoid_batch(tasks=2)
+    cfg = SimpleNamespace(inner_steps=2, inner_lr=0.05, first_order=True)
+    _, fo = meta_grad(problem.params, problem, batch, cfg)
+    x_s, y_s, x_q, y_q = batch
+    theta = {k: v.detach().expand(2, *v.shape).clone().requires_grad_() for k, v in problem.params.items()}
+    fast = maml.adapt(theta, problem.forward, problem.loss, x_s, y_s, 2, 0.05, first_order=True)
+    fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+    q_grads = torch.autograd.grad(problem.loss(problem.forward(fast, x_q), y_q).mean(), list(fast.values()))
+    for a, b in zip(fo, q_grads):
+        torch.testing.assert_close(a, b.sum(0))  # the expanded θ sums the per-task rows of the mean
+    cfg.first_order = False
+    _, so = meta_grad(problem.params, problem, batch, cfg)
+    assert max((a - b).abs().max().item() for a, b in zip(fo, so)) > 1e-4
+
+
+def small_convnet(max_pool, ways=3, channels=1, size=28, hidden=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    params = maml.init_convnet(channels, hidden, ways, maml.conv_feature_dim(size, hidden, max_pool), g)
+    params = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) if k.startswith("bn") else v.to(dtype)
+              for k, v in params.items()}
+    return params, (lambda p, x: maml.conv_forward(p, x, max_pool))
+
+
+@pytest.mark.parametrize("max_pool,size", [(False, 28), (True, 20)])
+def test_batched_tasks_equal_one_task_at_a_time(max_pool, size):
+    """The grouped convolution runs T tasks side by side. Its outputs and its second-order
+    meta-gradient must equal those of running each task alone and averaging."""
+    params, forward = small_convnet(max_pool, size=size)
+    problem = maml.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    g = torch.Generator().manual_seed(1)
+    T, N = 3, 3
+    x_s = torch.rand(T, N * 2, 1, size, size, generator=g, dtype=torch.float64)
+    x_q = torch.rand(T, N * 2, 1, size, size, generator=g, dtype=torch.float64)
+    y = torch.arange(N).repeat_interleave(2).expand(T, -1)
+    cfg = SimpleNamespace(inner_steps=2, inner_lr=0.3, first_order=False)
+    _, together = meta_grad(params, problem, (x_s, y, x_q, y), cfg)
+    alone = [meta_grad(params, problem, (x_s[t:t + 1], y[t:t + 1], x_q[t:t + 1], y[t:t + 1]), cfg)[1] for t in range(T)]
+    for i, grad in enumerate(together):
+        torch.testing.assert_close(grad, sum(a[i] for a in alone) / T)
+    out = forward(maml.per_task(params, T), x_q)
+    for t in range(T):
+        torch.testing.assert_close(out[t:t + 1], forward(maml.per_task(params, 1), x_q[t:t + 1]))
+
+
+def test_batch_norm_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 6, 4, 4, generator=g, dtype=torch.float64)
+    w, b = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(maml.batch_norm(h, w, b), F.batch_norm(h, None, None, w, b, training=True))
+
+
+def test_conv_feature_dims_are_the_papers():
+    # §5.2: Omniglot 64 filters -> 64-d after the global average; MiniImageNet 32 filters -> 800-d
+    assert maml.conv_feature_dim(28, 64, max_pool=False) == 64
+    assert maml.conv_feature_dim(84, 32, max_pool=True) == 800
+    params, forward = small_convnet(True, size=84, channels=3, hidden=32)
+    assert params["fc.w"].shape[0] == 800
+    assert forward(maml.per_task(params, 2), torch.rand(2, 3, 3, 84, 84, dtype=torch.float64)).shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("mode,independent", [("nontransductive", True), ("transductive", False)])
+def test_nontransductive_query_prediction_ignores_other_queries(mode, independent):
+    """Reptile §6.1: without transduction, a query's prediction depends on the support set and
+    itself only. In transductive mode the BatchNorm statistics mix the queries (the check can fail)."""
+    params, forward = small_convnet(False)
+    fast = maml.per_task(params, 2)
+    g = torch.Generator().manual_seed(2)
+    x_s = torch.rand(2, 3, 1, 28, 28, generator=g, dtype=torch.float64)
+    x_q = torch.rand(2, 4, 1, 28, 28, generator=g, dtype=torch.float64)
+    changed = x_q.clone()
+    changed[:, 1:] = torch.rand(2, 3, 1, 28, 28, generator=g, dtype=torch.float64)
+    a = maml.predict(fast, forward, x_s, x_q, mode)[:, 0]
+    b = maml.predict(fast, forward, x_s, changed, mode)[:, 0]
+    assert torch.allclose(a, b) == independent
+    if independent:  # and it equals classifying the support set plus that one query
+        alone = forward(fast, torch.cat([x_s, x_q[:, :1]], 1))[:, -1]
+        torch.testing.assert_close(a, alone)
+
+
+def test_evaluation_leaves_meta_parameters_untouched():
+    problem = mlp_problem(dtype=torch.float32)
+    before = {k: v.clone() for k, v in problem.params.items()}
+    problem.sample = lambda split, n, g, shots=None, query=None: sinusoid_batch(n, 5, 5, dtype=torch.float32)
+    curve = maml.adaptation_curve(problem.params, problem, maml.task_batches(problem, "test", 8, 4, 0), 0.01, 3)
+    assert curve.shape == (4, 8)
+    for k in before:
+        assert torch.equal(before[k], problem.params[k])
+
+
+def test_mean_ci():
+    m, c = maml.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5
+    assert c == pytest.approx(1.96 * 1.2909944487358056 / 2)
