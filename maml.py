@@ -80,11 +80,19 @@ def paper_settings(dataset, ways, shots):
     return s
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default only when it has one; unset flags take the paper's value."""
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="MAML and first-order MAML (Finn et al. 2017). Flags left unset take the "
                     "paper's value for the chosen dataset (Appendix A.1, §5.1).",
-        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        allow_abbrev=False, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
       help="task distribution: sinusoid (§5.1), omniglot / miniimagenet (§5.2), or an image folder")
@@ -135,6 +143,10 @@ def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
     if cfg.eval_only and not cfg.load:
         raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.load and not cfg.eval_only:
+        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
+    if cfg.load and cfg.resume:
+        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
@@ -279,15 +291,13 @@ def make_problem(cfg, device, splits=None):
             return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
         return Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
 
-    samplers = {name: data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
-                for name, split in splits.items() if split.num_classes >= cfg.ways}
-    missing = [name for name in splits if name not in samplers]
-    if "train" in missing or "test" in missing:
-        name = "train" if "train" in missing else "test"
-        data.EpisodeSampler(splits[name], cfg.ways, cfg.shots, cfg.query, device, name)  # raises the clear error
-    if missing:
-        print(f"note: the val split has {splits['val'].num_classes} classes, fewer than ways={cfg.ways}; "
-              f"validation is skipped (--rotate-eval adds rotated val/test classes)")
+    samplers = {}
+    for name, split in splits.items():
+        if name == "val" and split.num_classes < cfg.ways:
+            print(f"note: the val split has {split.num_classes} classes, fewer than ways={cfg.ways}; "
+                  f"validation is skipped (--rotate-eval adds rotated val/test classes)")
+            continue
+        samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
     channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
     max_pool = cfg.dataset != "omniglot"
     hidden = 64 if cfg.dataset == "omniglot" else 32
@@ -394,10 +404,12 @@ def task_batches(problem, split, tasks, batch_size, seed, **kw):
 def mean_ci(values):
     """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
     values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    if len(values) < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def format_curve(curve, name):
+def format_curve(curve):
     return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
 
 
@@ -460,34 +472,41 @@ def print_sinusoid_table(results, eval_steps):
               + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
 
 
-def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr):
-    """MAML Fig. 2: one test sinusoid, K = 5 points, the model before and after 1 and 10 steps."""
+def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
+    """MAML Fig. 2: random test sinusoids (one per row), K = 5 points, each model before
+    adaptation and after 1 and 10 steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    b = data.sinusoid_tasks(1, 5, 200, g, cfg.sinusoid_variant)
-    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1)
-    truth = b["amplitude"] * torch.sin(grid - b["phase"])
+    b = data.sinusoid_tasks(tasks, 5, 1, g, cfg.sinusoid_variant)
+    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1).expand(tasks, 200, 1)
+    truth = b["amplitude"][:, None, None] * torch.sin(grid - b["phase"][:, None, None])
     models = [("MAML", maml_params, cfg.inner_lr)]
     if pretrained_params is not None:
         models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, (name, params, lr) in zip(axes[0], models):
+    fig, axes = plt.subplots(tasks, len(models), figsize=(5.5 * len(models), 3 * tasks), squeeze=False)
+    for col, (name, params, lr) in enumerate(models):
         params = {k: v.detach().cpu() for k, v in params.items()}
-        fast = {k: v.requires_grad_() for k, v in per_task(params, 1).items()}
-        ax.plot(grid[0, :, 0], truth[0, :, 0], "r", label="ground truth")
+        fast = {k: v.requires_grad_() for k, v in per_task(params, tasks).items()}
+        curves = {}
         for step in range(11):
             if step in (0, 1, 10):
                 with torch.no_grad():
-                    ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--" if step == 0 else "-",
-                            label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
+                    curves[step] = mlp_forward(fast, grid)
             fast = adapt(fast, mlp_forward, mse_per_task, b["x_support"], b["y_support"], 1, lr, True)
-        ax.plot(b["x_support"][0, :, 0], b["y_support"][0, :, 0], "^", color="purple", label="K = 5 points")
-        ax.set_title(name)
-        ax.legend(fontsize=8)
+        for t in range(tasks):
+            ax = axes[t, col]
+            ax.plot(grid[t, :, 0], truth[t, :, 0], "r", label="ground truth")
+            for step, out in curves.items():
+                ax.plot(grid[t, :, 0], out[t, :, 0], "--" if step == 0 else "-",
+                        label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
+            ax.plot(b["x_support"][t, :, 0], b["y_support"][t, :, 0], "^", color="purple", label="K = 5 points")
+            if t == 0:
+                ax.set_title(name)
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
     print(f"saved {path}")
 
 
@@ -527,7 +546,7 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file "
                          f"({type(e).__name__}: {e})") from None
@@ -537,21 +556,22 @@ def load_checkpoint(path):
     return state
 
 
-# Flags that do not change what training computes, so they may differ on --resume / --load.
-RUNTIME_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "iterations", "full",
-                 "test_tasks", "eval_batch", "bn_mode", "test_dir", "data_dir", "eval_steps", "val_tasks"}
+# Flags about this invocation, always taken from the command line.
+SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot"}
+# Flags that do not change what training computes: the checkpoint's value unless given again.
+OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_batch", "bn_mode", "test_dir", "data_dir",
+                     "eval_steps", "val_tasks"}
 
 
 def merge_checkpoint_config(cfg, saved, given):
-    """The checkpoint's config, with runtime flags from the command line. A training flag given
-    on the command line that contradicts the checkpoint is an error, not silently ignored."""
+    """The checkpoint's config, with this invocation's flags. A training flag given on the command
+    line that contradicts the checkpoint is an error, not silently ignored."""
     merged = argparse.Namespace(**saved)
     for k, v in vars(cfg).items():
-        if k in RUNTIME_FLAGS:
-            if k in given or not hasattr(merged, k):
-                setattr(merged, k, v)
-        elif k in given and saved.get(k) != v:
-            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved.get(k)}")
+        if k in SESSION_FLAGS or (k in OVERRIDABLE_FLAGS and k in given) or k not in saved:
+            setattr(merged, k, v)
+        elif k in given and saved[k] != v:
+            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved[k]}")
     return merged
 
 
@@ -716,7 +736,7 @@ def main(argv=None):
         curve = evaluate(cfg, problem, params, "test", cfg.test_tasks, cfg.seed + 2)
         print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, "
               f"{cfg.bn_mode} BatchNorm, accuracy ± 95% CI after k steps (α = {cfg.inner_lr}):")
-        print("  " + format_curve(curve, "acc"))
+        print("  " + format_curve(curve))
         m, c = mean_ci(curve[-1])
         print(f"test_acc={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
         results["test"] = {"accuracy_by_step": [mean_ci(r) for r in curve], "accuracy": m, "ci95": c}

@@ -172,7 +172,8 @@ def main():
 
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
     results = {}
-    print(f"{'setting':<19} {'method':<12} {'ms/iter':>9} {'peak MiB':>9}   notes")
+    mem = "peak MiB (CUDA allocated)" if device.type == "cuda" else "peak RSS MiB (+ over the process before the first step)"
+    print(f"{'setting':<19} {'method':<12} {'ms/iter':>9}   {mem}")
     for name in args.settings:
         for method in METHODS:
             out = subprocess.run([sys.executable, __file__, "--one", name, method, "--device", args.device,
@@ -181,7 +182,8 @@ def main():
                 raise SystemExit(out.stderr)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(name, method)] = r
-            print(f"{name:<19} {method:<12} {r['ms']:9.1f} {r['peak_mib']:9.0f}")
+            extra = "" if device.type == "cuda" else f" (+{r['peak_mib'] - r['rss_before_mib']:.0f})"
+            print(f"{name:<19} {method:<12} {r['ms']:9.1f}   {r['peak_mib']:.0f}{extra}")
         s = SETTINGS[name]
         so, fo = results[(name, "maml")]["ms"], results[(name, "fomaml")]["ms"]
         loop = results[(name, "loop-maml")]["ms"]

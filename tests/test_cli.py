@@ -103,8 +103,10 @@ def test_resume_continues_identically(tmp_path):
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
     assert full["test"] == resumed["test"] and without_times(full["history"]) == without_times(resumed["history"])
-    # eval-only on the saved checkpoint gives the same test numbers
-    assert maml.main(["--eval-only", "--load", str(tmp_path / "full.pt"), "--test-tasks", "8"])["test"] == full["test"]
+    # eval-only on the resumed run's checkpoint gives the uninterrupted run's test numbers
+    assert maml.main(["--eval-only", "--load", str(tmp_path / "half.pt"), "--test-tasks", "8"])["test"] == full["test"]
+    with pytest.raises(SystemExit, match="--load is for --eval-only"):
+        maml.main(quick("--load", tmp_path / "half.pt"))
     # a training flag that contradicts the checkpoint is refused
     with pytest.raises(SystemExit, match="contradicts the checkpoint"):
         maml.main(quick("--resume", tmp_path / "half.pt", "--inner-lr", "0.5"))
