@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,18 +50,22 @@ import data
 PAPER_SETTINGS = {
     # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
     "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
-                     meta_batch_size=25, outer_lr=1e-3, iterations=70000),
+                     meta_batch_size=25, outer_lr=1e-3, iterations=70000, task_chunk=25, eval_batch=100),
     # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, evaluated with 3 steps; 60k iterations.
     # The reference code uses K query examples per class (D'_i as large as D_i).
     "omniglot-5way": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch_size=32,
-                          outer_lr=1e-3, iterations=60000),
+                          outer_lr=1e-3, iterations=60000, task_chunk=32, eval_batch=50),
     # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
     "omniglot-20way": dict(inner_lr=0.1, inner_steps=5, eval_steps=5, meta_batch_size=16,
-                           outer_lr=1e-3, iterations=60000),
+                           outer_lr=1e-3, iterations=60000, task_chunk=4, eval_batch=10),
     # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot)
     "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
-                         outer_lr=1e-3, iterations=60000),
+                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_batch=1),
 }
+# task_chunk and eval_batch change speed and memory only, not the result: how many tasks run as
+# one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
+# at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
+# 75 BatchNorm groups per task.
 # `python maml.py` with no arguments must finish in about 3 minutes on 2 CPU cores; --full
 # gives the paper's 70k iterations.
 QUICK_SINUSOID_ITERATIONS = 30000
@@ -119,7 +122,9 @@ def build_parser():
     a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
     a("--val-tasks", type=int, default=100, help="validation tasks per validation")
     a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
-    a("--eval-batch", type=int, default=50, help="tasks adapted at once during evaluation (memory only)")
+    a("--task-chunk", type=int, default=None, help="tasks of a meta-batch adapted together as one batched "
+      "computation (speed and memory only; the meta-gradient is the same)")
+    a("--eval-batch", type=int, default=None, help="tasks adapted together during evaluation (speed and memory only)")
     a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
       help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
       "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
@@ -159,7 +164,7 @@ def finalize_config(cfg):
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 10)
     for name in ("ways", "shots", "query", "inner_steps", "meta_batch_size", "iterations",
-                 "val_tasks", "test_tasks", "eval_batch", "val_every"):
+                 "val_tasks", "test_tasks", "eval_batch", "val_every", "task_chunk"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.eval_steps < 0:
@@ -214,12 +219,9 @@ def init_convnet(in_channels, hidden, ways, feature_dim, generator):
 
 def batch_norm(h, weight, bias, eps=1e-5):
     """BatchNorm with the statistics of the batch at hand, at training and at test time, as the
-    reference code does (transductive). h: (B, T*C, H, W), so each task's channels have their
-    own statistics. Written out rather than F.batch_norm: its double backward (the MAML
-    meta-gradient) is about 25% cheaper this way on the CPU (tests/benchmark.py)."""
-    mean = h.mean(dim=(0, 2, 3), keepdim=True)
-    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    return (h - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+    reference code does (transductive); no running statistics. h: (B, T*C, H, W), so each task's
+    channels are separate channels here and get their own statistics."""
+    return F.batch_norm(h, None, None, weight, bias, training=True, eps=eps)
 
 
 def conv_forward(params, x, max_pool):
@@ -348,15 +350,25 @@ class NonFiniteLoss(RuntimeError):
 
 
 def meta_step(params, optimizer, problem, batch, cfg):
-    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. Refuses a non-finite loss
-    before it can touch θ."""
-    loss, metric = meta_loss(params, problem, batch, cfg)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
+    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. The meta-batch is processed
+    `task_chunk` tasks at a time, each chunk's graph freed by its own backward pass; the
+    accumulated gradient is the same for any chunk size. A non-finite loss is refused before
+    it can touch θ."""
+    tasks = batch[0].shape[0]
+    chunk = cfg.task_chunk or tasks
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, metrics = 0.0, []
+    for start in range(0, tasks, chunk):
+        part = tuple(b[start:start + chunk] for b in batch)
+        loss, metric = meta_loss(params, problem, part, cfg)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
+        weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
+        (loss * weight).backward()
+        total += loss.item() * weight
+        metrics.append(metric)
     optimizer.step()
-    return loss.item(), metric.mean().item()
+    return total, torch.cat(metrics).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,12 +404,14 @@ def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="tr
 
 
 def task_batches(problem, split, tasks, batch_size, seed, **kw):
-    """A fixed, seeded set of `tasks` tasks, in batches: the same tasks for every model."""
+    """A fixed, seeded set of `tasks` tasks in batches of `batch_size`. Tasks are drawn one at a
+    time, so the set is the same for every model and every batch size."""
     g = torch.Generator().manual_seed(seed)
     done = 0
     while done < tasks:
         n = min(batch_size, tasks - done)
-        yield problem.sample(split, n, g, **kw)
+        drawn = [problem.sample(split, 1, g, **kw) for _ in range(n)]
+        yield tuple(torch.cat(parts) for parts in zip(*drawn))
         done += n
 
 
@@ -460,7 +474,7 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
 def print_sinusoid_table(results, eval_steps):
     steps = [s for s in (0, 1, 5, 10) if s <= eval_steps]
     paper = {("maml", 5): "0.67 / 0.38 / 0.35", ("pretrained", 5): "2.41 / 2.23 / 2.19"}
-    print(f"\nSinusoid regression, MSE ± 95% CI after k fine-tuning steps (MAML Table 2 / Fig. 6)")
+    print("\nSinusoid regression, MSE ± 95% CI after k fine-tuning steps (MAML Table 2 / Fig. 6)")
     print(f"{'K':>3} {'model':<11} " + " ".join(f"{'k=' + str(s):>15}" for s in steps) + "   paper k=1/5/10")
     for K, entry in results.items():
         for name in ("maml", "pretrained"):

@@ -1,7 +1,6 @@
 """Tiny fixtures that stand in for the real datasets, built in temporary folders: tests never
 read ../shared or download anything."""
 
-import os
 import pickle
 import sys
 import zipfile

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import maml
@@ -134,13 +133,6 @@ def test_batched_tasks_equal_one_task_at_a_time(max_pool, size):
         torch.testing.assert_close(out[t:t + 1], forward(maml.per_task(params, 1), x_q[t:t + 1]))
 
 
-def test_batch_norm_matches_torch():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(5, 6, 4, 4, generator=g, dtype=torch.float64)
-    w, b = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(maml.batch_norm(h, w, b), F.batch_norm(h, None, None, w, b, training=True))
-
-
 def test_conv_feature_dims_are_the_papers():
     # §5.2: Omniglot 64 filters -> 64-d after the global average; MiniImageNet 32 filters -> 800-d
     assert maml.conv_feature_dim(28, 64, max_pool=False) == 64
@@ -183,3 +175,32 @@ def test_mean_ci():
     m, c = maml.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5
     assert c == pytest.approx(1.96 * 1.2909944487358056 / 2)
+
+
+def test_task_chunk_and_eval_batch_change_nothing_but_speed():
+    """meta_step over chunks of tasks accumulates the same gradient as the whole meta-batch at
+    once, and evaluation sees the same tasks whatever its batch size."""
+    params, forward = small_convnet(False, dtype=torch.float64)
+    problem = maml.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    g = torch.Generator().manual_seed(3)
+    x_s = torch.rand(4, 6, 1, 28, 28, generator=g, dtype=torch.float64)
+    x_q = torch.rand(4, 6, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(2).expand(4, -1)
+    grads = []
+    for chunk in (4, 1, 3):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        opt = torch.optim.SGD(p.values(), lr=0.0)
+        cfg = SimpleNamespace(inner_steps=2, inner_lr=0.3, first_order=False, task_chunk=chunk)
+        loss, _ = maml.meta_step(p, opt, problem, (x_s, y, x_q, y), cfg)
+        grads.append([v.grad for v in p.values()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+
+    split = data.ClassImages.from_lists([torch.full((4, 1, 2, 2), c, dtype=torch.uint8).numpy() for c in range(6)],
+                                        list("abcdef"))
+    sampler = data.EpisodeSampler(split, 3, 1, 1)
+    problem.sample = lambda s, n, gen: sampler.sample(n, gen)
+    whole = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 7, seed=0)])
+    pieces = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 3, seed=0)])
+    assert torch.equal(whole, pieces)
