@@ -624,13 +624,13 @@ def evaluate(cfg, problem, params, split, tasks, seed):
 def train(cfg, problem, state):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it)."""
     device = torch.device(cfg.device)
-    params = {k: v.to(device).requires_grad_() for k, v in state["params"].items()}
+    params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     task_gen = torch.Generator()
     task_gen.manual_seed(cfg.seed)
     baseline = None
     if cfg.dataset == "sinusoid" and not cfg.no_baseline:
-        b_params = {k: v.to(device).requires_grad_() for k, v in state["baseline_params"].items()}
+        b_params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["baseline_params"].items()}
         b_optimizer = torch.optim.Adam(b_params.values(), lr=cfg.outer_lr)
         b_gen = torch.Generator()
         b_gen.manual_seed(cfg.seed + 100)

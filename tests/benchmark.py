@@ -33,13 +33,13 @@ import maml  # noqa: E402
 # The paper settings (MAML App. A.1, §5.1). The learn2learn times were measured on this
 # project's 2-core machine with MAML.clone()/adapt() on identical settings (issue #3).
 SETTINGS = {
-    "sinusoid": dict(T=25, shots=10, query=10, steps=1, l2l_ms=38),
+    "sinusoid": dict(T=25, shots=10, query=10, steps=1, l2l_ms=38, preset="sinusoid"),
     "omniglot-5w1s": dict(T=32, ways=5, shots=1, query=1, steps=1, size=28, channels=1, hidden=64,
-                          max_pool=False, l2l_ms=531),
+                          max_pool=False, l2l_ms=531, preset="omniglot-5way"),
     "omniglot-20w1s": dict(T=16, ways=20, shots=1, query=1, steps=5, size=28, channels=1, hidden=64,
-                           max_pool=False, l2l_ms=2610),
+                           max_pool=False, l2l_ms=2610, preset="omniglot-20way"),
     "miniimagenet-5w1s": dict(T=4, ways=5, shots=1, query=15, steps=5, size=84, channels=3, hidden=32,
-                              max_pool=True, l2l_ms=None),
+                              max_pool=True, l2l_ms=None, preset="miniimagenet"),
 }
 
 
@@ -104,7 +104,9 @@ def measure(name, method, device, reps):
     problem = make_problem(s, g)
     params = {k: v.to(device).requires_grad_() for k, v in problem.params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    cfg = SimpleNamespace(inner_steps=s["steps"], inner_lr=0.01, first_order=method.endswith("fomaml"))
+    # the preset's task_chunk: how many tasks maml.py batches together in this setting
+    cfg = SimpleNamespace(inner_steps=s["steps"], inner_lr=0.01, first_order=method.endswith("fomaml"),
+                          task_chunk=maml.PAPER_SETTINGS[s["preset"]]["task_chunk"])
     batches = [make_batch(s, device, g) for _ in range(3)]
     if method.startswith("loop"):
         def step(b):

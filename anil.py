@@ -1,0 +1,631 @@
+"""anil.py: ANIL (Almost No Inner Loop), which is MAML with the inner loop restricted to the head.
+
+Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Understanding the
+Effectiveness of MAML", ICLR 2020. The model, data, evaluation and checkpoints are maml.py's
+(imported, not copied), and train() is maml.train's loop with ANIL's meta-step, so the lines that
+differ from maml.py are the paper's idea (compare adapt() with maml.adapt):
+
+    App. E.1          θ'_m = (θ_1, ..., θ_{l-1}, (θ_l)_{m-1} − α ∇θ_l L_S): the head alone adapts  adapt()
+    App. A            L_meta(θ) = Σ_b L_Z_b(f_θ'_m), the outer loop updates every layer       meta_loss()
+    App. E.2, Eq. 10  the second-order term reaches the body through the head's update     tests/test_anil.py
+    §3, App. D.1      freezing: a block of body layers gets no inner-loop update at test    freeze_table()
+    App. D.2, Fig. 4  CCA and CKA of each layer's activations before vs after the inner loop similarity()
+    App. D.3, Fig. 5  per-layer Euclidean distance between θ and θ' after the inner loop   similarity()
+    App. E.6, Table 4 ms per training step and per inference: MAML, FOMAML, ANIL            timing()
+
+Symbols (as in maml.py):
+    θ        params           meta-parameters: the body (conv1-4, bn1-4) and the head θ_head (fc)
+    θ'       fast             adapted parameters, one copy per task; in ANIL only θ'_head differs from θ
+    α        inner_lr         inner-loop step size             β   outer_lr         Adam step size
+    N, K, Q  ways, shots, query                                T   meta_batch_size  tasks per update
+
+Run:    python anil.py                                    (sinusoid regression, CPU, about a minute)
+        python anil.py --dataset omniglot --ways 20 --data-dir DIR
+        python anil.py --load maml.pt --eval-only --freeze-table --similarity --plot sim.png
+        python anil.py --timing                           (Table 4 on random tensors, no data)
+        python anil.py --help                             (every flag with its paper symbol and value)
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import maml
+from maml import NonFiniteLoss, mean_ci, per_task, predict, task_batches
+
+# ---------------------------------------------------------------------------------------------
+# Config: maml.py's flags (the ANIL paper keeps MAML's settings, App. C / E.5) plus the analyses
+# ---------------------------------------------------------------------------------------------
+
+# Table 4 (App. E.6): seconds on a Titan Xp, TensorFlow; speed-ups are ratios of the means.
+PAPER_TIMING = {("train", 1): {"MAML": 0.15, "FOMAML": 0.089, "ANIL": 0.084},
+                ("train", 5): {"MAML": 0.68, "FOMAML": 0.40, "ANIL": 0.37},
+                ("inference", 1): {"MAML": 0.083, "ANIL": 0.020},
+                ("inference", 5): {"MAML": 0.37, "ANIL": 0.076}}
+PAPER_SPEEDUP = {("train", 1): 1.79, ("train", 5): 1.84, ("inference", 1): 4.15, ("inference", 5): 4.87}
+# Table 2 (App. D.1), MiniImageNet 5-way 1-shot / 5-shot, for the printout.
+PAPER_FREEZE = {"none": "44.5 / 61.7", "1": "44.8 / 61.7", "1-2": "44.8 / 61.4",
+                "1-3": "44.7 / 60.2", "1-4": "44.7 / 60.2"}
+# The flags that exist only here: never part of a checkpoint's training config.
+ANALYSIS_FLAGS = {"freeze_table", "similarity", "similarity_tasks", "similarity_query", "timing",
+                  "timing_batches"}
+
+
+def build_parser():
+    p = maml.build_parser()
+    p.description = ("ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the head, plus the "
+                     "paper's freezing, representational-similarity and timing analyses. Flags left unset "
+                     "take MAML's paper values for the chosen dataset, as the ANIL paper does (App. C, E.5).")
+    for action in p._actions:
+        if action.dest == "first_order":
+            action.help = "first-order ANIL: the head's inner gradient is a constant, so no second-order term reaches the body"
+        elif action.dest == "no_baseline":
+            action.help = "unused by anil.py (maml.py's sinusoid baseline)"
+        elif action.dest == "task_chunk":
+            action.help = "unused by anil.py: ANIL's meta-batch is one batched computation (its graph is small)"
+        elif action.dest == "plot":
+            action.help = "with --similarity: save the per-layer CCA / CKA / distance bars (Fig. 4/5); needs matplotlib"
+    a = p.add_argument
+    a("--freeze-table", action="store_true", help="§3 / App. D.1, Table 2: test accuracy when layers none, 1, 1-2, "
+      "1-3, 1-4 get no inner-loop update at test time (the rest, head included, adapt as in MAML)")
+    a("--similarity", action="store_true", help="App. D.2-D.3, Fig. 4/5: per-layer CCA, linear CKA and weight "
+      "distance before vs after MAML's full inner loop, averaged over test tasks")
+    a("--similarity-tasks", type=int, default=100, help="test tasks averaged in --similarity")
+    a("--similarity-query", type=int, default=15, help="query images per class on which --similarity compares "
+      "activations (CCA needs many more data points than neurons; paper: not stated)")
+    a("--timing", action="store_true", help="App. E.6, Table 4: ms per training step and per inference of MAML, "
+      "FOMAML and ANIL on the MiniImageNet network (random tensors, no data needed), then exit")
+    a("--timing-batches", type=int, default=30, help="timed batches per entry of --timing (paper: 2000)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, split as the paper splits it (§2): the body is every layer but the last, the head
+# is the last layer. The same functions as maml.py's forwards, in two halves.
+# ---------------------------------------------------------------------------------------------
+
+def conv_body(params, x, max_pool, activations=None):
+    """maml.conv_forward up to the head: x (T, B, C, H, W) -> features (T, B, D). When a list is
+    given as `activations`, each block's output (T, B, C, H, W) is appended to it (for CCA/CKA)."""
+    T, B = x.shape[:2]
+    h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
+    for i in range(1, 5):
+        w = params[f"conv{i}.w"]                                     # (T, C_out, C_in, 3, 3)
+        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=1 if max_pool else 2, padding=1, groups=T)
+        h = F.relu(maml.batch_norm(h, params[f"bn{i}.w"].reshape(-1), params[f"bn{i}.b"].reshape(-1)))
+        if max_pool:
+            h = F.max_pool2d(h, 2)
+        if activations is not None:
+            activations.append(h.reshape(B, T, -1, *h.shape[2:]).transpose(0, 1))
+    if max_pool:
+        return h.reshape(B, T, -1).transpose(0, 1)                   # (T, B, C*H*W)
+    return h.mean(dim=(2, 3)).reshape(B, T, -1).transpose(0, 1)      # (T, B, C)
+
+
+def mlp_body(params, x, layers, activations=None):
+    """maml.mlp_forward without its last layer: x (T, B, 1) -> features (T, B, 40)."""
+    h = x
+    for i in range(1, layers):
+        h = F.relu(torch.baddbmm(params[f"fc{i}.b"].unsqueeze(1), h, params[f"fc{i}.w"]))
+        if activations is not None:
+            activations.append(h)
+    return h
+
+
+def linear_head(w_key, b_key):
+    def head(params, features):                                      # (T, B, D) -> (T, B, N)
+        return torch.baddbmm(params[b_key].unsqueeze(1), features, params[w_key])
+    return head
+
+
+@dataclass
+class Net:
+    body: Callable        # body(params, x (T, B, ...)) -> features (T, B, D)
+    head: Callable        # head(params, features) -> outputs (T, B, N), uses only head_keys
+    head_keys: tuple      # θ_head, the parameters of the final layer
+    layer_names: tuple    # body layers then "head", for the per-layer analyses
+    body_with_activations: Callable   # (params, x) -> (features, [each body layer's output])
+
+    def forward(self, params, x):
+        return self.head(params, self.body(params, x))
+
+
+def make_net(cfg, problem):
+    if cfg.dataset == "sinusoid":
+        layers = len(problem.params) // 2
+        keys = (f"fc{layers}.w", f"fc{layers}.b")
+
+        def run(p, x, acts=None):
+            return mlp_body(p, x, layers, acts)
+        names = tuple(f"fc{i}" for i in range(1, layers)) + ("head",)
+    else:
+        max_pool = cfg.dataset != "omniglot"      # as maml.make_problem: MiniImageNet-style nets pool
+        keys = ("fc.w", "fc.b")
+
+        def run(p, x, acts=None):
+            return conv_body(p, x, max_pool, acts)
+        names = ("conv1", "conv2", "conv3", "conv4", "head")
+
+    def with_activations(p, x):
+        acts = []
+        return run(p, x, acts), acts
+    return Net(run, linear_head(*keys), keys, names, with_activations)
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm: ANIL's inner loop (App. E.1) and the meta-update (App. A, as maml.py)
+# ---------------------------------------------------------------------------------------------
+
+def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
+    """θ' for every task of the batch: the head takes `inner_steps` steps, the body none.
+    maml.adapt with three lines changed: the body's features are computed once, outside the
+    loop (the body does not change); the gradient is taken w.r.t. the head only, so the inner
+    backward pass stops at the features (the savings of Table 4); the body comes back untouched."""
+    features = net.body(params, x)                                   # (T, N*K, D)
+    head = {k: params[k] for k in net.head_keys}
+    for _ in range(inner_steps):
+        inner_loss = loss_fn(net.head(head, features), y).sum()
+        # ∇ w.r.t. θ_head alone. Second-order ANIL keeps this gradient's graph, which runs through
+        # `features` into the body: that is how the body's outer gradient gets the second-order
+        # term of App. E.2, Eq. (10). First-order ANIL treats the gradient as a constant.
+        grads = torch.autograd.grad(inner_loss, list(head.values()), create_graph=not first_order)
+        # App. E.1: (θ_l)_m = (θ_l)_{m-1} − α ∇_{θ_l} L_S(θ_{m-1}); θ_1, ..., θ_{l-1} stay as they are
+        head = {k: w - inner_lr * g for (k, w), g in zip(head.items(), grads)}
+    return {**params, **head}      # the body entries are θ's own tensors: bit-identical
+
+
+def meta_loss(params, problem, net, batch, cfg):
+    """L_meta(θ) = Σ_b L_Z_b(f_θ'_b) on the query sets (App. A), averaged over the T tasks.
+    The gradient reaches every layer: the body directly through the query features and through
+    the head's update (App. E.2)."""
+    x_s, y_s, x_q, y_q = batch
+    fast = adapt(per_task(params, x_s.shape[0]), net, problem.loss, x_s, y_s,
+                 cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+    out = net.forward(fast, x_q)
+    return problem.loss(out, y_q).mean(), problem.metric(out.detach(), y_q)
+
+
+def meta_step(params, optimizer, problem, net, batch, cfg):
+    """θ ← θ − β ∇θ L_meta(θ) with Adam, every layer (App. A). Refuses a non-finite loss."""
+    loss, metric = meta_loss(params, problem, net, batch, cfg)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), metric.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: maml.adaptation_curve with the inner step passed in, so that ANIL, MAML and each
+# freezing pattern are measured by one function on the same tasks.
+# ---------------------------------------------------------------------------------------------
+
+def adaptation_curve(params, problem, batches, eval_steps, bn_mode, inner_step):
+    """Per-task metric after 0..eval_steps applications of inner_step(fast, x_s, y_s) -> fast."""
+    rows = [[] for _ in range(eval_steps + 1)]
+    for x_s, y_s, x_q, y_q in batches:
+        fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
+        for step in range(eval_steps + 1):
+            if step > 0:
+                fast = inner_step(fast, x_s, y_s)
+            with torch.no_grad():
+                rows[step].append(problem.metric(predict(fast, problem.forward, x_s, x_q, bn_mode), y_q).cpu())
+    return torch.stack([torch.cat(r) for r in rows]).numpy()
+
+
+def anil_step(net, problem, inner_lr):
+    return lambda fast, x, y: adapt(fast, net, problem.loss, x, y, 1, inner_lr, first_order=True)
+
+
+def evaluate(cfg, problem, net, params, split, tasks, seed):
+    """ANIL's test: the head adapts, the body is reused. seed+2 gives maml.py's test tasks."""
+    batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
+    return adaptation_curve(params, problem, batches, cfg.eval_steps, cfg.bn_mode,
+                            anil_step(net, problem, cfg.inner_lr))
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 / App. D.1: freezing layers at test time (Table 2)
+# ---------------------------------------------------------------------------------------------
+
+def body_layers(params, net):
+    """{1: ['conv1.w', 'bn1.w', 'bn1.b'], 2: [...], ...}: the body's parameters by layer."""
+    layers = {}
+    for k in params:
+        if k not in net.head_keys:
+            layers.setdefault(int(re.search(r"(\d+)\.", k).group(1)), []).append(k)
+    return dict(sorted(layers.items()))
+
+
+def adapt_unfrozen(params, forward, loss_fn, x, y, inner_steps, inner_lr, frozen):
+    """MAML's inner loop (maml.adapt) over every parameter except the frozen ones, which are a
+    constant of the forward: the test-time freezing of §3. frozen=() is MAML; freezing the whole
+    body is ANIL's test-time inner loop."""
+    held = {k: params[k] for k in frozen}
+    free = {k: v for k, v in params.items() if k not in held}
+    free = maml.adapt(free, lambda p, x_: forward({**held, **p}, x_), loss_fn, x, y,
+                      inner_steps, inner_lr, first_order=True)
+    return {**held, **free}
+
+
+def freeze_table(cfg, problem, net, params):
+    """Table 2: test accuracy with layers none, 1, 1-2, ... frozen during test-time adaptation.
+    Every row sees the same test tasks (seed + 2, those of maml.py and the ANIL test)."""
+    layers = body_layers(params, net)
+    patterns = {("none" if n == 0 else "1" if n == 1 else f"1-{n}"): [k for i in list(layers)[:n] for k in layers[i]]
+                for n in range(len(layers) + 1)}
+    # Not in the paper: the body's weights frozen but BatchNorm's γ, β adapting. The reference
+    # code keeps BatchNorm out of the inner loop; maml.py adapts it (it stands in for conv biases).
+    weights = [k for k in patterns[f"1-{len(layers)}"] if not k.startswith("bn")]
+    if len(weights) < len(patterns[f"1-{len(layers)}"]):
+        patterns[f"1-{len(layers)} w"] = weights
+    rows = {}
+    for name, frozen in patterns.items():
+        def step(fast, x, y, frozen=frozen):
+            return adapt_unfrozen(fast, problem.forward, problem.loss, x, y, 1, cfg.inner_lr, frozen)
+        batches = task_batches(problem, "test", cfg.test_tasks, cfg.eval_batch, cfg.seed + 2)
+        rows[name] = adaptation_curve(params, problem, batches, cfg.eval_steps, cfg.bn_mode, step)[-1]
+    print(f"\nFreezing (§3, Table 2): {problem.metric_name} ± 95% CI over {cfg.test_tasks} test tasks, "
+          f"{cfg.ways}-way {cfg.shots}-shot, {cfg.eval_steps} inner steps, α = {cfg.inner_lr}; frozen layers "
+          f"get no inner-loop update, the head always adapts")
+    print(f"{'frozen':<8} {'ours':>17}   paper MiniImageNet 5w1s / 5w5s")
+    for name, values in rows.items():
+        m, c = mean_ci(values)
+        print(f"{name:<8} {m:9.4f} ± {c:.4f}   {PAPER_FREEZE.get(name, 'not in the paper: conv weights frozen, BN γ, β adapt')}")
+    return {name: mean_ci(v) for name, v in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# App. D.2 / D.3: representational similarity (CCA, CKA) and weight distance before vs after
+# ---------------------------------------------------------------------------------------------
+
+def _orthonormal_basis(x, rtol=1e-6):
+    """An orthonormal basis (n, r) of the column space of the centred x (n, d), rank r: the
+    whitening step of CCA, done with an SVD so that dead (constant) ReLU units do no harm."""
+    x = x - x.mean(0, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    keep = s > rtol * s.max() if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return u[:, keep]
+
+
+def cca(x, y):
+    """Mean canonical correlation (Raghu et al. 2017, [20]) of x (n, d1) and y (n, d2), n data
+    points. The canonical correlations are the cosines of the principal angles between the two
+    centred column spaces: the singular values of Qx^T Qy. Invariant to any invertible linear
+    map of either side; 1 for identical representations."""
+    qx, qy = _orthonormal_basis(x.double()), _orthonormal_basis(y.double())
+    if qx.shape[1] == 0 or qy.shape[1] == 0:
+        return float("nan")
+    rho = torch.linalg.svdvals(qx.T @ qy)
+    return float(rho.clamp(0, 1).mean())
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019, [14]): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),
+    with Xc, Yc centred. Invariant to orthogonal maps and isotropic scaling; in [0, 1]."""
+    x, y = x.double(), y.double()
+    x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    den = torch.linalg.norm(x.T @ x) * torch.linalg.norm(y.T @ y)
+    return float(torch.linalg.norm(y.T @ x) ** 2 / den) if den > 0 else float("nan")
+
+
+def unit_matrix(a):
+    """One task's activations (B, C[, H, W]) -> (B*H*W, C): each spatial position of each image is
+    a data point and each channel a neuron, the usual treatment of conv layers in SVCCA."""
+    return a.movedim(1, -1).reshape(-1, a.shape[1]) if a.dim() == 4 else a
+
+
+def similarity(cfg, problem, net, params, splits):
+    """For each test task: θ' = MAML's full inner loop (eval_steps steps of α); each layer's
+    activations on the task's query images under θ and under θ'; their CCA and CKA; and the
+    distance ||θ'_l − θ_l||. Averaged over tasks."""
+    query = cfg.similarity_query if splits else cfg.query
+    if splits:
+        sampler = data.EpisodeSampler(splits["test"], cfg.ways, cfg.shots, query, cfg.device, "test")
+
+        def sample(n, g):
+            return sampler.sample(n, g)
+    else:
+        def sample(n, g):
+            return problem.sample("test", n, g)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    layers = body_layers(params, net)
+    groups = {name: layers[i] for name, i in zip(net.layer_names, layers)} | {"head": list(net.head_keys)}
+    scores = {m: {name: [] for name in net.layer_names} for m in ("cca", "cka", "distance")}
+    done = 0
+    while done < cfg.similarity_tasks:
+        # at most about 2000 probe images at once: conv1's activations of 20-way tasks are large
+        n = min(cfg.eval_batch, max(1, 2000 // (cfg.ways * query)), cfg.similarity_tasks - done)
+        x_s, y_s, x_q, _ = sample(n, g)
+        theta = {k: v.detach().requires_grad_() for k, v in per_task(params, n).items()}
+        fast = adapt_unfrozen(theta, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, ())
+        with torch.no_grad():
+            feats, before = net.body_with_activations(theta, x_q)
+            before.append(net.head(theta, feats))
+            feats, after = net.body_with_activations(fast, x_q)
+            after.append(net.head(fast, feats))
+            for name, a, b in zip(net.layer_names, before, after):
+                for t in range(n):
+                    scores["cca"][name].append(cca(unit_matrix(a[t]), unit_matrix(b[t])))
+                    scores["cka"][name].append(linear_cka(unit_matrix(a[t]), unit_matrix(b[t])))
+            for name in net.layer_names:
+                diff = torch.cat([(fast[k] - theta[k]).reshape(n, -1) for k in groups[name]], 1)
+                scores["distance"][name].extend(torch.linalg.norm(diff, dim=1).tolist())
+        done += n
+    summary = {m: {name: mean_ci(v) for name, v in by_layer.items()} for m, by_layer in scores.items()}
+    print(f"\nRepresentational similarity before vs after the inner loop (App. D.2-D.3, Fig. 4/5): "
+          f"{cfg.similarity_tasks} test tasks, {cfg.eval_steps} steps of α = {cfg.inner_lr} on every layer, "
+          f"activations on {cfg.ways}x{query} query images")
+    print(f"{'layer':<7} {'CCA':>17} {'CKA':>17} {'||θ′−θ||':>17}")
+    for name in net.layer_names:
+        print(f"{name:<7} " + " ".join(f"{summary[m][name][0]:8.4f} ± {summary[m][name][1]:.4f}"
+                                       for m in ("cca", "cka", "distance")))
+    print("paper (MiniImageNet 5w5s, Fig. 4): CCA and CKA about 1 for conv1-2, above 0.9 for conv3-4, "
+          "under 0.5 (CCA) for the head")
+    return summary
+
+
+def plot_similarity(path, summary, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    titles = {"cca": "CCA similarity", "cka": "CKA similarity", "distance": "weight distance ||θ′−θ||"}
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for ax, (m, title) in zip(axes, titles.items()):
+        names = list(summary[m])
+        ax.bar(names, [summary[m][n][0] for n in names], yerr=[summary[m][n][1] for n in names],
+               color=["tab:blue"] * (len(names) - 1) + ["tab:red"], capsize=3)
+        ax.set_title(title, fontsize=10)
+        if m != "distance":
+            ax.set_ylim(0, 1.05)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"before vs after the MAML inner loop, {cfg.dataset} {cfg.ways}-way {cfg.shots}-shot "
+                 f"({cfg.similarity_tasks} test tasks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# App. E.6, Table 4: computation time on the MiniImageNet network
+# ---------------------------------------------------------------------------------------------
+
+def _time(fn, batches):
+    fn()                                                             # warm-up: allocator, kernels
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return np.array(times) * 1000.0
+
+
+def timing(cfg, image_size=84):
+    """Training: forward and backward of one meta-step (5 inner steps, α = 0.01, task batch 1,
+    one target example). Inference: 10 inner steps and the target's prediction. The MiniImageNet
+    network of MAML §5.2 on random 84x84 images, so no data loading is timed (as in App. E.6)."""
+    device = torch.device(cfg.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ways, out = 5, {}
+    params = {k: v.to(device).requires_grad_()
+              for k, v in maml.init_convnet(3, 32, ways, maml.conv_feature_dim(image_size, 32, True), g).items()}
+    problem = maml.Problem(params, lambda p, x: maml.conv_forward(p, x, True), maml.cross_entropy_per_task,
+                           maml.accuracy_per_task, "acc", None)
+    net = make_net(SimpleNamespace(dataset="miniimagenet"), problem)
+    print(f"\nTiming (App. E.6, Table 4): MiniImageNet network, 5-way, task batch 1, 1 target example, "
+          f"mean of {cfg.timing_batches} batches, device {cfg.device}, {torch.get_num_threads()} thread(s)")
+    for shots in (1, 5):
+        x_s = torch.rand(1, ways * shots, 3, image_size, image_size, generator=g).to(device)
+        y_s = torch.arange(ways).repeat_interleave(shots).unsqueeze(0).to(device)
+        x_q, y_q = torch.rand(1, 1, 3, image_size, image_size, generator=g).to(device), torch.zeros(1, 1, dtype=torch.long, device=device)
+        batch = (x_s, y_s, x_q, y_q)
+        train_cfg = SimpleNamespace(inner_steps=5, inner_lr=0.01)
+
+        def train(algorithm):
+            def run():
+                c = SimpleNamespace(**vars(train_cfg), first_order=algorithm == "FOMAML")
+                loss = (meta_loss(params, problem, net, batch, c) if algorithm == "ANIL"
+                        else maml.meta_loss(params, problem, batch, c))[0]
+                loss.backward()
+                _sync(device)
+            return run
+
+        def infer(algorithm):
+            def run():
+                fast = {k: v.detach().requires_grad_() for k, v in per_task(params, 1).items()}
+                if algorithm == "ANIL":
+                    fast = adapt(fast, net, problem.loss, x_s, y_s, 10, 0.01, first_order=True)
+                else:
+                    fast = maml.adapt(fast, problem.forward, problem.loss, x_s, y_s, 10, 0.01, first_order=True)
+                with torch.no_grad():
+                    problem.forward(fast, x_q).argmax(-1)
+                _sync(device)
+            return run
+        for phase, algorithms, make in (("train", ("MAML", "FOMAML", "ANIL"), train), ("inference", ("MAML", "ANIL"), infer)):
+            ms = {a: _time(make(a), cfg.timing_batches) for a in algorithms}
+            print(f"{phase} 5-way {shots}-shot:  {'mean ms':>9} {'median ms':>10} {'speed-up':>9}   paper: mean s, speed-up")
+            for a in algorithms:
+                speedup = ms["MAML"].mean() / ms[a].mean()
+                paper = PAPER_TIMING[(phase, shots)][a]
+                paper_speedup = f"{PAPER_TIMING[(phase, shots)]['MAML'] / paper:.2f}" if a != "ANIL" else PAPER_SPEEDUP[(phase, shots)]
+                print(f"  {a:<8} {ms[a].mean():18.1f} {np.median(ms[a]):10.1f} {speedup:8.2f}x   {paper:.3f} s, {paper_speedup}x")
+                out[f"{phase}_{shots}shot_{a}"] = {"mean_ms": float(ms[a].mean()), "median_ms": float(np.median(ms[a])),
+                                                   "speedup": float(speedup)}
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: maml.train's loop, with ANIL's meta-step
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg, problem, net, state):
+    device = torch.device(cfg.device)
+    params = {k: v.to(device).requires_grad_() for k, v in state["params"].items()}
+    optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
+    task_gen = torch.Generator()
+    task_gen.manual_seed(cfg.seed)
+    if "optimizer" in state:  # resuming
+        optimizer.load_state_dict(state["optimizer"])
+        task_gen.set_state(state["rng"]["tasks"])
+    history = state.get("history", [])
+    running = state.get("running")
+
+    def checkpoint(iteration):
+        return {"algorithm": "anil", "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(), "config": vars(cfg), "iteration": iteration,
+                "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
+
+    from tqdm import tqdm
+    start = state["iteration"]
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ANIL meta-train",
+               dynamic_ncols=True, mininterval=0.5)
+    started = time.time()
+    for it in bar:
+        batch = problem.sample("train", cfg.meta_batch_size, task_gen)
+        try:
+            loss, metric = meta_step(params, optimizer, problem, net, batch, cfg)
+        except NonFiniteLoss as e:
+            bar.close()
+            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
+            raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
+                             f"--inner-lr or --outer-lr){kept}") from None
+        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
+                                                          0.98 * running[1] + 0.02 * metric)
+        bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
+        done = it + 1
+        if done % cfg.val_every == 0 or done == cfg.iterations:
+            line = {"iteration": done, "train_loss": round(running[0], 5),
+                    f"train_{problem.metric_name}": round(running[1], 5)}
+            if problem.has_val:
+                curve = evaluate(cfg, problem, net, params, "val", cfg.val_tasks, cfg.seed + 1)
+                line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
+            line["elapsed_s"] = round(time.time() - started, 1)
+            history.append(line)
+            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+            if cfg.save:
+                maml.save_checkpoint(cfg.save, checkpoint(done))
+    bar.close()
+    return checkpoint(cfg.iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
+    """Parse, merge with the checkpoint's config (maml.merge_checkpoint_config, the analysis flags
+    kept aside since they are not part of training) and fill the paper settings. Returns the
+    config and the loaded checkpoint, or None."""
+    args = parser.parse_args(argv)
+    defaults = vars(parser.parse_args([]))
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    source = args.resume or args.load
+    saved = maml.load_checkpoint(source) if source else None
+    if saved:
+        if args.resume and saved.get("algorithm", "maml") != "anil":
+            raise SystemExit(f"error: {source} was trained by {saved.get('algorithm', 'maml')}.py; --resume "
+                             f"continues ANIL training only from an anil.py checkpoint (use --load to test it)")
+        extra = {k: v for k, v in vars(args).items() if k in analysis_flags}
+        base = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in analysis_flags})
+        args = maml.merge_checkpoint_config(base, saved["config"], given - analysis_flags)
+        for k, v in extra.items():
+            setattr(args, k, v)
+    cfg = maml.finalize_config(args)
+    if getattr(cfg, "plot", None) and hasattr(cfg, "similarity") and not cfg.similarity:
+        raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
+    for name in ("similarity_tasks", "similarity_query", "timing_batches"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    return cfg, saved
+
+
+def setup(cfg, saved):
+    """The problem, the body/head split, and the starting state (fresh or the checkpoint's)."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    maml.seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    try:
+        splits = maml.load_splits(cfg)
+        problem = maml.make_problem(cfg, device, splits)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    net = make_net(cfg, problem)
+    if saved:
+        if set(saved["params"]) != set(problem.params) or any(
+                saved["params"][k].shape != problem.params[k].shape for k in problem.params):
+            raise SystemExit(f"error: the parameters in {cfg.resume or cfg.load} do not fit this model "
+                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
+        state = saved
+    else:
+        state = {"params": problem.params, "iteration": 0}
+    return splits, problem, net, state
+
+
+def main(argv=None):
+    cfg, saved = parse(build_parser(), argv)
+    if cfg.timing:
+        print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        maml.seed_everything(cfg.seed)
+        results = {"config": vars(cfg), "timing": timing(cfg)}
+        return write(cfg, results)
+    splits, problem, net, state = setup(cfg, saved)
+    device = torch.device(cfg.device)
+    if saved and saved.get("algorithm", "maml") != "anil":
+        print(f"note: {cfg.load} was trained by maml.py; its test below uses ANIL's head-only inner loop "
+              f"(the 'frozen 1-4' row of the freezing table)")
+
+    started = time.time()
+    if not cfg.eval_only:
+        if state["iteration"] >= cfg.iterations:
+            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
+        else:
+            state = train(cfg, problem, net, state)
+    results = {"config": vars(cfg), "train_seconds": round(time.time() - started, 1),
+               "iteration": state["iteration"], "history": state.get("history", [])}
+    params = {k: v.to(device) for k, v in state["params"].items()}
+
+    curve = evaluate(cfg, problem, net, params, "test", cfg.test_tasks, cfg.seed + 2)
+    name = problem.metric_name
+    task = (f"K = {cfg.shots} points" if cfg.dataset == "sinusoid"
+            else f"{cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")
+    print(f"\nANIL meta-test: {cfg.test_tasks} tasks, {task}, {name} ± 95% CI after k head steps (α = {cfg.inner_lr}):")
+    print("  " + maml.format_curve(curve))
+    m, c = mean_ci(curve[-1])
+    print(f"test_{name}={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
+    results["test"] = {f"{name}_by_step": [mean_ci(r) for r in curve], name: m, "ci95": c}
+    if cfg.freeze_table:
+        results["freeze_table"] = freeze_table(cfg, problem, net, params)
+    if cfg.similarity:
+        results["similarity"] = similarity(cfg, problem, net, params, splits)
+        if cfg.plot:
+            plot_similarity("anil_similarity.png" if cfg.plot == "auto" else cfg.plot, results["similarity"], cfg)
+    return write(cfg, results)
+
+
+def write(cfg, results):
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {cfg.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
