@@ -24,6 +24,7 @@ Run:    python maml.py            (sinusoid regression, CPU, about 3 minutes)
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -169,6 +170,8 @@ def finalize_config(cfg):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.eval_steps < 0:
         raise SystemExit("error: --eval-steps must be at least 0")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
     return cfg

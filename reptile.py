@@ -36,6 +36,7 @@ Run:    python reptile.py            (sinusoid regression of §4, CPU, about 2 m
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -185,6 +186,8 @@ def parse_combination(text, k):
 
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
     if cfg.eval_only and not cfg.load:
         raise SystemExit("error: --eval-only needs --load CHECKPOINT")
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:

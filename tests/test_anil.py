@@ -7,6 +7,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -284,6 +286,9 @@ def run(*args, check=True):
     return p
 
 
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
 def test_omniglot_cli_with_analyses_on_a_maml_checkpoint(omniglot_dir, tmp_path):
     out, fig, ckpt = tmp_path / "r.json", tmp_path / "sim.png", tmp_path / "a.pt"
     p = run("--dataset", "omniglot", "--data-dir", omniglot_dir, "--ways", "3", *TINY, "--save", ckpt, "--out", out)
@@ -294,9 +299,9 @@ def test_omniglot_cli_with_analyses_on_a_maml_checkpoint(omniglot_dir, tmp_path)
     mckpt = tmp_path / "m.pt"
     maml.main(["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", "3", *TINY, "--save", str(mckpt)])
     p = run("--eval-only", "--load", mckpt, "--freeze-table", "--similarity", "--similarity-tasks", "3",
-            "--similarity-query", "2", "--plot", fig, "--out", out)
+            "--similarity-query", "2", *(["--plot", fig] if HAVE_MATPLOTLIB else []), "--out", out)
     assert "trained by maml.py" in p.stdout and "Freezing (§3, Table 2)" in p.stdout and "1-4" in p.stdout
-    assert "conv4" in p.stdout and fig.stat().st_size > 5000
+    assert "conv4" in p.stdout and (not HAVE_MATPLOTLIB or fig.stat().st_size > 5000)
     r = json.loads(out.read_text())
     assert {"none", "1", "1-2", "1-3", "1-4"} < set(r["freeze_table"]) and "cka" in r["similarity"]
     with pytest.raises(SystemExit, match="--resume continues ANIL training only"):
