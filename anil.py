@@ -547,9 +547,9 @@ def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
         args = maml.merge_checkpoint_config(base, saved["config"], given - analysis_flags)
         for k, v in extra.items():
             setattr(args, k, v)
-    cfg = maml.finalize_config(args)
-    if getattr(cfg, "plot", None) and hasattr(cfg, "similarity") and not cfg.similarity:
+    if getattr(args, "plot", None) and hasattr(args, "similarity") and not args.similarity:
         raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
+    cfg = maml.finalize_config(args)
     for name in ("similarity_tasks", "similarity_query", "timing_batches"):
         if hasattr(cfg, name) and getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
