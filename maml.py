@@ -3,9 +3,9 @@
 Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
 ICML 2017. This file implements Algorithm 2 (MAML for few-shot supervised learning):
 
-    Alg. 2 line 3     sample a batch of tasks T_i ~ p(T)          train(): sample_batch()
+    Alg. 2 line 3     sample a batch of tasks T_i ~ p(T)          train(): problem.sample("train", ...)
     Alg. 2 lines 5-7  θ'_i = θ − α ∇θ L_Ti(f_θ) on K examples      adapt()
-    Alg. 2 line 8     sample D'_i, the query set of each task       sample_batch()
+    Alg. 2 line 8     sample D'_i, the query set of each task       the same call (x_query, y_query)
     Alg. 2 line 10    θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i) (Adam)          meta_step()
     §5.2              first-order MAML drops the second derivatives: adapt(first_order=True)
 
@@ -19,7 +19,7 @@ Symbols, named the same in every script of this project:
     Q   query            query examples per class for the meta-update (D'_i)
     T   meta_batch_size  tasks per meta-update
 
-Run:    python maml.py            (sinusoid regression, CPU, about 3 minutes)
+Run:    python maml.py            (sinusoid regression, CPU, about 2 minutes)
         python maml.py --help     (every flag with its paper symbol and value)
 """
 
