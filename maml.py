@@ -19,7 +19,7 @@ Symbols, named the same in every script of this project:
     Q   query            query examples per class for the meta-update (D'_i)
     T   meta_batch_size  tasks per meta-update
 
-Run:    python maml.py            (sinusoid regression, CPU, about 2 minutes)
+Run:    python maml.py            (sinusoid regression, CPU, about 1.5 minutes)
         python maml.py --help     (every flag with its paper symbol and value)
 """
 
