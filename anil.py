@@ -8,6 +8,7 @@ differ from maml.py are the paper's idea (compare adapt() with maml.adapt):
     App. E.1          θ'_m = (θ_1, ..., θ_{l-1}, (θ_l)_{m-1} − α ∇θ_l L_S): the head alone adapts  adapt()
     App. A            L_meta(θ) = Σ_b L_Z_b(f_θ'_m), the outer loop updates every layer       meta_loss()
     App. E.2, Eq. 10  the second-order term reaches the body through the head's update     tests/test_anil.py
+    Table 1, E.5      meta-RL: adapt_policy() adapts the policy's head; rl.py does the rest    (--env)
     §3, App. D.1      freezing: a block of body layers gets no inner-loop update at test    freeze_table()
     App. D.2, Fig. 4  CCA and CKA of each layer's activations before vs after the inner loop similarity()
     App. D.3, Fig. 5  per-layer Euclidean distance between θ and θ' after the inner loop   similarity()
@@ -23,6 +24,7 @@ Run:    python anil.py                                    (sinusoid regression, 
         python anil.py --dataset omniglot --ways 20 --data-dir DIR
         python anil.py --load maml.pt --eval-only --freeze-table --similarity --plot sim.png
         python anil.py --timing                           (Table 4 on random tensors, no data)
+        python anil.py --env navigation2d                 (meta-RL, Table 1; see rl.py)
         python anil.py --help                             (every flag with its paper symbol and value)
 """
 
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -91,26 +94,9 @@ def build_parser():
 
 # ---------------------------------------------------------------------------------------------
 # The model, split as the paper splits it (§2): the body is every layer but the last, the head
-# is the last layer. The same functions as maml.py's forwards, in two halves.
+# is the last layer. The conv body is maml.conv_body itself (maml.conv_forward is that body and
+# a linear head); the MLP body is maml.mlp_forward without its last layer.
 # ---------------------------------------------------------------------------------------------
-
-def conv_body(params, x, max_pool, activations=None):
-    """maml.conv_forward up to the head: x (T, B, C, H, W) -> features (T, B, D). When a list is
-    given as `activations`, each block's output (T, B, C, H, W) is appended to it (for CCA/CKA)."""
-    T, B = x.shape[:2]
-    h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
-    for i in range(1, 5):
-        w = params[f"conv{i}.w"]                                     # (T, C_out, C_in, 3, 3)
-        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=1 if max_pool else 2, padding=1, groups=T)
-        h = F.relu(maml.batch_norm(h, params[f"bn{i}.w"].reshape(-1), params[f"bn{i}.b"].reshape(-1)))
-        if max_pool:
-            h = F.max_pool2d(h, 2)
-        if activations is not None:
-            activations.append(h.reshape(B, T, -1, *h.shape[2:]).transpose(0, 1))
-    if max_pool:
-        return h.reshape(B, T, -1).transpose(0, 1)                   # (T, B, C*H*W)
-    return h.mean(dim=(2, 3)).reshape(B, T, -1).transpose(0, 1)      # (T, B, C)
-
 
 def mlp_body(params, x, layers, activations=None):
     """maml.mlp_forward without its last layer: x (T, B, 1) -> features (T, B, 40)."""
@@ -153,7 +139,7 @@ def make_net(cfg, problem):
         keys = ("fc.w", "fc.b")
 
         def run(p, x, acts=None):
-            return conv_body(p, x, max_pool, acts)
+            return maml.conv_body(p, x, max_pool, acts)
         names = ("conv1", "conv2", "conv3", "conv4", "head")
 
     def with_activations(p, x):
@@ -538,6 +524,8 @@ def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
     given = {k for k, v in vars(args).items() if v != defaults[k]}
     source = args.resume or args.load
     saved = maml.load_checkpoint(source) if source else None
+    if saved and saved["config"].get("env"):
+        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
     if saved:
         if args.resume and saved.get("algorithm", "maml") != "anil":
             raise SystemExit(f"error: {source} was trained by {saved.get('algorithm', 'maml')}.py; --resume "
@@ -578,7 +566,26 @@ def setup(cfg, saved):
     return splits, problem, net, state
 
 
+# ---------------------------------------------------------------------------------------------
+# Meta-RL (Table 1, App. E.5): rl.py's plumbing with ANIL's inner loop on the policy. The body is
+# fc1-fc2; the head is the output layer, fc3 (the mean) and the state-independent log σ.
+# ---------------------------------------------------------------------------------------------
+
+POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
+
+
+def adapt_policy(params, episodes, inner_lr, first_order):
+    """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
+    import rl
+    net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"), None)
+    return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--env" or a.startswith("--env=") for a in argv):
+        import rl
+        return rl.main(argv, adapt_policy, "anil", "anil.py")
     cfg, saved = parse(build_parser(), argv)
     if cfg.timing:
         print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))

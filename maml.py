@@ -8,6 +8,8 @@ ICML 2017. This file implements Algorithm 2 (MAML for few-shot supervised learni
     Alg. 2 line 8     sample D'_i, the query set of each task       the same call (x_query, y_query)
     Alg. 2 line 10    θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i) (Adam)          meta_step()
     §5.2              first-order MAML drops the second derivatives: adapt(first_order=True)
+    Alg. 3 (§3.2)     meta-RL: adapt_policy() is adapt() on the REINFORCE loss; rl.py samples
+                      trajectories and takes the TRPO meta-step (python maml.py --env ...)
 
 Symbols, named the same in every script of this project:
     θ   params           meta-parameters, a dict of tensors
@@ -20,6 +22,7 @@ Symbols, named the same in every script of this project:
     T   meta_batch_size  tasks per meta-update
 
 Run:    python maml.py            (sinusoid regression, CPU, about 1.5 minutes)
+        python maml.py --env navigation2d   (meta-RL, Alg. 3; see rl.py)
         python maml.py --help     (every flag with its paper symbol and value)
 """
 
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -142,6 +146,8 @@ def build_parser():
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: MAML Fig. 2; "
       "classification: the adaptation curve); needs matplotlib")
+    a("--env", default=None, help="meta-RL instead (Alg. 3, §5.3): navigation2d, halfcheetah-dir, halfcheetah-vel, "
+      "ant-dir or ant-vel; `--env NAME --help` lists the meta-RL flags")
     return p
 
 
@@ -227,12 +233,13 @@ def batch_norm(h, weight, bias, eps=1e-5):
     return F.batch_norm(h, None, None, weight, bias, training=True, eps=eps)
 
 
-def conv_forward(params, x, max_pool):
-    """x: (T, B, C, H, W) -> logits (T, B, N).
+def conv_body(params, x, max_pool, activations=None):
+    """The four conv blocks: x (T, B, C, H, W) -> features (T, B, D). The T tasks sit side by
+    side as channel groups of one grouped convolution. When a list is given as `activations`,
+    each block's output (T, B, C, H, W) is appended to it (anil.py's CCA/CKA).
 
     Omniglot (max_pool=False): 64 filters, stride-2 convs, then the global average -> 64-d.
-    MiniImageNet (max_pool=True): 32 filters, stride 1 and 2x2 max-pool, flattened -> 800-d.
-    The T tasks sit side by side as channel groups of one grouped convolution."""
+    MiniImageNet (max_pool=True): 32 filters, stride 1 and 2x2 max-pool, flattened -> 800-d."""
     T, B = x.shape[:2]
     h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
     for i in range(1, 5):
@@ -241,11 +248,16 @@ def conv_forward(params, x, max_pool):
         h = F.relu(batch_norm(h, params[f"bn{i}.w"].reshape(-1), params[f"bn{i}.b"].reshape(-1)))
         if max_pool:
             h = F.max_pool2d(h, 2)
+        if activations is not None:
+            activations.append(h.reshape(B, T, -1, *h.shape[2:]).transpose(0, 1))
     if max_pool:
-        features = h.reshape(B, T, -1)                               # (B, T, C*H*W)
-    else:
-        features = h.mean(dim=(2, 3)).reshape(B, T, -1)              # (B, T, C)
-    return torch.einsum("btd,tdn->tbn", features, params["fc.w"]) + params["fc.b"].unsqueeze(1)
+        return h.reshape(B, T, -1).transpose(0, 1)                   # (T, B, C*H*W)
+    return h.mean(dim=(2, 3)).reshape(B, T, -1).transpose(0, 1)      # (T, B, C)
+
+
+def conv_forward(params, x, max_pool):
+    """x: (T, B, C, H, W) -> logits (T, B, N): the conv blocks, then the linear head."""
+    return torch.baddbmm(params["fc.b"].unsqueeze(1), conv_body(params, x, max_pool), params["fc.w"])
 
 
 def conv_feature_dim(image_size, hidden, max_pool):
@@ -580,12 +592,12 @@ OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_batch", "bn_mode"
                      "eval_steps", "val_tasks"}
 
 
-def merge_checkpoint_config(cfg, saved, given):
+def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS):
     """The checkpoint's config, with this invocation's flags. A training flag given on the command
     line that contradicts the checkpoint is an error, not silently ignored."""
     merged = argparse.Namespace(**saved)
     for k, v in vars(cfg).items():
-        if k in SESSION_FLAGS or (k in OVERRIDABLE_FLAGS and k in given) or k not in saved:
+        if k in session_flags or (k in overridable and k in given) or k not in saved:
             setattr(merged, k, v)
         elif k in given and saved[k] != v:
             raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved[k]}")
@@ -697,7 +709,24 @@ def train(cfg, problem, state):
 # main
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Meta-RL (Algorithm 3, §5.3): rl.py holds the environments, sampling, advantages and TRPO; the
+# algorithm's part is its inner loop, the same adapt() with the policy-gradient loss of Eq. (4)
+# ---------------------------------------------------------------------------------------------
+
+def adapt_policy(params, episodes, inner_lr, first_order):
+    """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
+    (the mean network and log σ), on the K trajectories D_i with their advantages."""
+    import rl
+    return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
+                 1, inner_lr, first_order)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--env" or a.startswith("--env=") for a in argv):
+        import rl
+        return rl.main(argv, adapt_policy, "maml", "maml.py")
     parser = build_parser()
     args = parser.parse_args(argv)
     # Flags whose value differs from the default count as given (for --resume / --load).
@@ -705,6 +734,8 @@ def main(argv=None):
     given = {k for k, v in vars(args).items() if v != defaults[k]}
     source = args.resume or args.load
     saved = load_checkpoint(source) if source else None
+    if saved and saved["config"].get("env"):
+        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
     cfg = merge_checkpoint_config(args, saved["config"], given) if saved else args
     cfg = finalize_config(cfg)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))

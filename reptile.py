@@ -123,7 +123,7 @@ def build_parser():
     a("--replacement", action="store_true", help="§6.3: draw each inner mini-batch at random "
       "instead of cycling through the shuffled training examples")
     a("--inner-optimizer", choices=["adam", "sgd"], default=None,
-      help="inner-loop update U (paper: Adam with β1 = 0 for classification §6.1, SGD for §6.2-6.3 and the sinusoid)")
+      help="inner-loop update U (paper: Adam with β1 = 0 for classification §6.1, vanilla SGD for §6.2 and the sinusoid; §6.3 does not say)")
     a("--adam-beta1", type=float, default=0.0, help="inner Adam's β1 (paper: 0, 'momentum reduced performance')")
     a("--inner-lr", type=float, default=None, help="α, inner step size or Adam learning rate "
       "(paper: 0.001 Omniglot 5-way and MiniImageNet, 0.0005 20-way; sinusoid demo: SGD 0.02)")

@@ -1,0 +1,853 @@
+"""rl.py: the shared meta-RL plumbing for maml.py and anil.py (MAML Algorithm 3).
+
+Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+ICML 2017, §3.2, §5.3 and Appendix A.2. This file holds everything that is not the meta-learning
+algorithm: the task environments, the Gaussian policy, sampling, the linear baseline, GAE, the
+policy-gradient loss and the TRPO meta-step. The algorithm file passes in its inner loop
+(`inner_adapt`), so maml.py adapts every policy parameter and anil.py only the head:
+
+    Alg. 3 line 3     sample a batch of tasks T_i ~ p(T)                    train(): family.sample_tasks
+    Alg. 3 line 5     K trajectories D_i with f_θ                           sample()
+    Alg. 3 lines 6-7  θ'_i = θ − α ∇θ L_Ti(f_θ), L of Eq. (4) by REINFORCE   inner_adapt (maml.py / anil.py)
+    Alg. 3 line 8     trajectories D'_i with f_θ'_i                         sample()
+    Alg. 3 line 10    meta-update on Σ_i L_Ti(f_θ'_i) with TRPO (§5.3)       trpo_step()
+    A.2               α for the first test step, α/2 after; best model kept  evaluate(), train()
+
+Symbols, as in maml.py:
+    θ   params       policy parameters (fc1-3 of a 2×100 ReLU MLP, and a state-independent log σ)
+    θ'  fast         adapted parameters, one copy per task (leading dimension T)
+    α   inner_lr     inner step size (A.2: 0.1)
+    K   episodes     trajectories per task and per gradient step (§5.3: 20)
+    T   meta_batch_size   tasks per meta-update (A.2: 20 navigation, 40 locomotion)
+    H   horizon      steps per episode (100 navigation, 200 locomotion)
+    γ, λ gamma, gae_lambda   discount and GAE parameter (0.99, 1.0)
+
+Run:    python maml.py --env navigation2d          (MAML on 2D navigation, about 30 minutes on 2 CPU cores)
+        python anil.py --env halfcheetah-dir --iterations 50
+        python maml.py --env navigation2d --help   (every flag with its paper value)
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import maml
+from maml import mean_ci, per_task
+
+# ---------------------------------------------------------------------------------------------
+# Config: MAML §5.3 and A.2, with the reference PyTorch implementation's TRPO settings
+# ---------------------------------------------------------------------------------------------
+
+# A.2: one inner step with α = 0.1; meta-batch 20 (navigation) or 40 (locomotion); up to 500
+# meta-iterations. §5.3: 20 rollouts per gradient step (40 for the ant direction task); horizon
+# 100 (navigation) and 200 (locomotion). TRPO: max KL 0.01, 10 conjugate-gradient iterations with
+# damping 1e-5, line search of 15 steps with ratio 0.8 (rllab's and pytorch-maml-rl's values).
+ENV_SETTINGS = {
+    "navigation2d":    dict(meta_batch_size=20, episodes=20, horizon=100),
+    "halfcheetah-dir": dict(meta_batch_size=40, episodes=20, horizon=200),
+    "halfcheetah-vel": dict(meta_batch_size=40, episodes=20, horizon=200),
+    "ant-dir":         dict(meta_batch_size=40, episodes=40, horizon=200),
+    "ant-vel":         dict(meta_batch_size=40, episodes=20, horizon=200),
+}
+
+
+def build_parser(prog, algorithm):
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=maml.HelpFormatter, allow_abbrev=False,
+        description=f"Meta-RL with {algorithm.upper()} (MAML Algorithm 3, §5.3, A.2): REINFORCE in "
+                    "the inner loop, TRPO as the meta-optimizer. Flags left unset take the paper's value.")
+    a = p.add_argument
+    a("--env", required=True, choices=sorted(ENV_SETTINGS), help="task distribution (§5.3)")
+    a("--first-order", action="store_true", help="first-order: the inner gradient is a constant in the "
+      "meta-gradient and in TRPO's Hessian-vector products")
+    a("--inner-lr", type=float, default=0.1, help="α, inner step size (A.2: 0.1; α/2 after the first test step)")
+    a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (A.2: 20 navigation, 40 locomotion)")
+    a("--episodes", type=int, default=None, help="K, trajectories per task and gradient step (§5.3: 20; ant-dir 40)")
+    a("--horizon", type=int, default=None, help="H, steps per episode (§5.3: 100 navigation, 200 locomotion)")
+    a("--iterations", type=int, default=500, help="meta-iterations (A.2: up to 500)")
+    a("--gamma", type=float, default=0.99, help="γ, discount")
+    a("--gae-lambda", type=float, default=1.0, help="λ of GAE (1.0: Monte-Carlo returns minus the baseline)")
+    a("--max-kl", type=float, default=0.01, help="TRPO trust region: mean KL between adapted policies")
+    a("--cg-iters", type=int, default=10, help="conjugate-gradient iterations")
+    a("--cg-damping", type=float, default=1e-5, help="damping added to the Hessian-vector product")
+    a("--hvp", choices=["gauss-newton", "double-backprop"], default="gauss-newton", help="KL Hessian-vector "
+      "products: both exact at the old parameters; gauss-newton skips the third derivatives (faster)")
+    a("--ls-steps", type=int, default=15, help="backtracking line-search steps")
+    a("--ls-ratio", type=float, default=0.8, help="backtracking ratio")
+    a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 20)")
+    a("--val-tasks", type=int, default=20, help="validation tasks; the best model by the return after one step is kept (A.2)")
+    a("--test-tasks", type=int, default=40, help="meta-test tasks")
+    a("--eval-steps", type=int, default=3, help="gradient steps at test time (Fig. 4/5: up to 3)")
+    a("--vector", choices=["sync", "async"], default="sync", help="gymnasium vector env: one process, or one "
+      "process per environment (MuJoCo tasks)")
+    a("--num-envs", type=int, default=None, help="environments stepped together, a multiple of K "
+      "(default: K × meta-batch with sync, K with async)")
+    a("--seed", type=int, default=0, help="seeds the policy, the tasks, the action noise and the resets")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="device of the meta-update (sampling runs on the CPU)")
+    a("--out", default=None, help="write the config and the final metrics to this JSON file")
+    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
+    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
+    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    a("--plot", nargs="?", const="auto", default=None,
+      help="save the return against gradient steps (Fig. 4/5); needs matplotlib")
+    a("--plot-with", nargs="+", default=None, metavar="JSON",
+      help="with --plot: also draw the test curves of these runs (their --out files), e.g. MAML beside ANIL")
+    return p
+
+
+def finalize_config(cfg):
+    if cfg.eval_only and not cfg.load:
+        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.load and not cfg.eval_only:
+        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
+    if cfg.load and cfg.resume:
+        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
+    for k, v in ENV_SETTINGS[cfg.env].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.num_envs is None:
+        cfg.num_envs = cfg.episodes * (cfg.meta_batch_size if cfg.vector == "sync" else 1)
+    if cfg.val_every is None:
+        cfg.val_every = max(1, cfg.iterations // 20)
+    for name in ("meta_batch_size", "episodes", "horizon", "iterations", "cg_iters", "ls_steps",
+                 "val_every", "val_tasks", "test_tasks", "num_envs"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if cfg.num_envs % cfg.episodes:
+        raise SystemExit(f"error: --num-envs {cfg.num_envs} must be a multiple of --episodes {cfg.episodes}: "
+                         f"each task's K episodes run side by side")
+    if cfg.eval_steps < 0:
+        raise SystemExit("error: --eval-steps must be at least 0")
+    if not (cfg.max_kl > 0 and 0 < cfg.ls_ratio < 1 and 0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
+        raise SystemExit("error: need --max-kl > 0, 0 < --ls-ratio < 1, and --gamma, --gae-lambda in [0, 1]")
+    if cfg.plot_with and not cfg.plot:
+        raise SystemExit("error: --plot-with adds curves to --plot; give --plot PATH too")
+    for path in cfg.plot_with or []:
+        try:
+            with open(path) as f:
+                run = json.load(f)
+            env, _ = run["config"]["env"], run["test"]["return_by_step"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --plot-with {path} is not the --out JSON of a meta-RL run ({e!r})") from None
+        if env != cfg.env:
+            raise SystemExit(f"error: --plot-with {path} is not a {cfg.env} run")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments. Each task family has sample_tasks(n, rng) and set_task(task); a vector of
+# environments takes one task per environment through set_attr("task", [...]).
+# ---------------------------------------------------------------------------------------------
+
+
+
+class Navigation2DVectorEnv(gym.vector.VectorEnv):
+    """§5.3 2D navigation for `num_envs` points at once, in numpy. A point starts at (0, 0) and
+    moves by its action, a velocity clipped to [-0.1, 0.1]²; the reward is minus the distance to
+    the goal; the episode ends when both coordinates are within 0.01 of the goal, or after
+    `horizon` steps. Goals are U[-0.5, 0.5]² (the unit square of §5.3, centred on the start)."""
+
+    def __init__(self, num_envs, horizon=100):
+        self.num_envs = num_envs
+        self.horizon = horizon
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.single_action_space = gym.spaces.Box(-0.1, 0.1, (2,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.goals = np.zeros((num_envs, 2))
+        self.positions = np.zeros((num_envs, 2))
+        self.steps = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def sample_tasks(n, rng):
+        return [{"goal": tuple(g)} for g in rng.uniform(-0.5, 0.5, size=(n, 2))]
+
+    def set_task(self, task):
+        self.goals[:] = task["goal"]
+
+    def set_attr(self, name, values):
+        if name != "task":
+            raise AttributeError(f"Navigation2DVectorEnv has no settable attribute {name!r}")
+        values = values if isinstance(values, (list, tuple)) else [values] * self.num_envs
+        self.goals = np.array([v["goal"] for v in values], dtype=np.float64)
+
+    def reset(self, *, seed=None, options=None):
+        self.positions = np.zeros((self.num_envs, 2))
+        self.steps[:] = 0
+        return self.positions.astype(np.float32), {}
+
+    def step(self, actions):
+        self.positions = self.positions + np.clip(actions, -0.1, 0.1)
+        self.steps += 1
+        offset = self.positions - self.goals
+        rewards = -np.sqrt((offset ** 2).sum(1))
+        terminated = (np.abs(offset) < 0.01).all(1)
+        truncated = self.steps >= self.horizon
+        return self.positions.astype(np.float32), rewards, terminated, truncated, {}
+
+
+class LocomotionTask(gym.Wrapper):
+    """gymnasium's MuJoCo HalfCheetah-v5 / Ant-v5 with the reward of a MAML task (§5.3). Actions
+    are clipped to the action box before MuJoCo sees them, and the control cost is of the clipped
+    action, the control that was applied. Subclasses give the task distribution and the reward."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self._task = self.sample_tasks(1, np.random.default_rng(0))[0]
+
+    @property
+    def task(self):
+        return self._task
+
+    @task.setter
+    def task(self, task):
+        self.set_task(task)
+
+    def set_task(self, task):
+        self._task = dict(task)
+
+    def step(self, action):
+        action = np.clip(action, self.action_space.low, self.action_space.high)
+        obs, _, terminated, truncated, info = self.env.step(action)
+        reward = self.task_reward(info, action)
+        return obs, reward, terminated, truncated, info
+
+
+class HalfCheetahDir(LocomotionTask):
+    # §5.3: run forward or backward, d = ±1 with equal probability; reward d·v_x − 0.05·Σa²
+    # (the 0.5·0.1 control cost of the reference environments).
+    @staticmethod
+    def sample_tasks(n, rng):
+        return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], size=n)]
+
+    def task_reward(self, info, action):
+        return self.task["direction"] * info["x_velocity"] - 0.05 * float(np.square(action).sum())
+
+
+class HalfCheetahVel(LocomotionTask):
+    # §5.3: goal velocity U[0, 2]; reward −|v_x − v_goal| − 0.05·Σa²
+    @staticmethod
+    def sample_tasks(n, rng):
+        return [{"velocity": float(v)} for v in rng.uniform(0.0, 2.0, size=n)]
+
+    def task_reward(self, info, action):
+        return -abs(info["x_velocity"] - self.task["velocity"]) - 0.05 * float(np.square(action).sum())
+
+
+# The ant's costs (rllab's and the reference environments' values): control 0.005·Σa², contact
+# 5e-4·Σ clip(cfrc_ext, −1, 1)² (gymnasium's reward_contact with contact_cost_weight = 5e-4),
+# survive bonus 0.05 per step. Ant-v5 ends the episode when the torso leaves z ∈ [0.2, 1].
+ANT_CTRL_COST, ANT_CONTACT_COST, ANT_SURVIVE = 0.005, 5e-4, 0.05
+
+
+class AntDir(LocomotionTask):
+    # §5.3: forward or backward along x, d = ±1; reward d·v_x − costs + survive bonus
+    @staticmethod
+    def sample_tasks(n, rng):
+        return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], size=n)]
+
+    def task_reward(self, info, action):
+        return (self.task["direction"] * info["x_velocity"] - ANT_CTRL_COST * float(np.square(action).sum())
+                + info["reward_contact"] + ANT_SURVIVE)
+
+
+class AntVel(LocomotionTask):
+    # §5.3: goal velocity U[0, 3]. A.2: "we added a positive reward bonus at each timestep to
+    # prevent the ant from ending the episode"; its size, 1.0, is the reference environments'.
+    VELOCITY_BONUS = 1.0
+
+    @staticmethod
+    def sample_tasks(n, rng):
+        return [{"velocity": float(v)} for v in rng.uniform(0.0, 3.0, size=n)]
+
+    def task_reward(self, info, action):
+        return (-abs(info["x_velocity"] - self.task["velocity"]) + self.VELOCITY_BONUS
+                - ANT_CTRL_COST * float(np.square(action).sum()) + info["reward_contact"] + ANT_SURVIVE)
+
+
+LOCOMOTION = {"halfcheetah-dir": ("HalfCheetah-v5", HalfCheetahDir, {}),
+              "halfcheetah-vel": ("HalfCheetah-v5", HalfCheetahVel, {}),
+              "ant-dir": ("Ant-v5", AntDir, {"contact_cost_weight": ANT_CONTACT_COST}),
+              "ant-vel": ("Ant-v5", AntVel, {"contact_cost_weight": ANT_CONTACT_COST})}
+
+
+def make_locomotion(name, horizon):
+    env_id, wrapper, kwargs = LOCOMOTION[name]
+    try:
+        env = gym.make(env_id, max_episode_steps=horizon, **kwargs)
+    except (ImportError, gym.error.DependencyNotInstalled) as e:
+        raise SystemExit(f"error: {env_id} needs MuJoCo: pip install 'gymnasium[mujoco]' ({e})") from None
+    return wrapper(env)
+
+
+def task_family(name):
+    """The class whose sample_tasks(n, rng) draws this family's tasks."""
+    return Navigation2DVectorEnv if name == "navigation2d" else LOCOMOTION[name][1]
+
+
+def make_vector_env(name, num_envs, horizon, vector="sync"):
+    if name == "navigation2d":
+        return Navigation2DVectorEnv(num_envs, horizon)   # numpy: already one batched computation
+    make = partial(make_locomotion, name, horizon)
+    if vector == "async":
+        return gym.vector.AsyncVectorEnv([make] * num_envs)
+    return gym.vector.SyncVectorEnv([make] * num_envs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy: a Gaussian MLP, 2×100 ReLU (§5.3), with a learned state-independent log σ
+# ---------------------------------------------------------------------------------------------
+
+def init_policy(obs_dim, act_dim, generator, hidden=(100, 100)):
+    params = maml.init_mlp([obs_dim, *hidden, act_dim], generator)
+    params["log_std"] = torch.zeros(act_dim)      # σ = 1 at the start, as rllab's GaussianMLPPolicy
+    return params
+
+
+def policy_body(params, obs):
+    """fc1 and fc2 with ReLU: obs (T, B, obs_dim) -> features (T, B, 100)."""
+    h = obs
+    for i in (1, 2):
+        h = F.relu(torch.baddbmm(params[f"fc{i}.b"].unsqueeze(1), h, params[f"fc{i}.w"]))
+    return h
+
+
+def policy_head(params, features):
+    """The output layer: the mean (T, B, act_dim) from fc3, and log σ (T, act_dim)."""
+    mean = torch.baddbmm(params["fc3.b"].unsqueeze(1), features, params["fc3.w"])
+    return mean, params["log_std"]
+
+
+def policy_forward(params, obs):
+    return policy_head(params, policy_body(params, obs))
+
+
+def gaussian_log_prob(dist, actions):
+    """log π(a|s) of a diagonal Gaussian, summed over action dimensions: (T, B, A) -> (T, B)."""
+    mean, log_std = dist
+    log_std = log_std.unsqueeze(1)
+    z = (actions - mean) / log_std.exp()
+    return (-0.5 * z ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_kl(old, new):
+    """KL(old ‖ new) of diagonal Gaussians, summed over action dimensions: (T, B)."""
+    (m0, s0), (m1, s1) = old, new
+    s0, s1 = s0.unsqueeze(1), s1.unsqueeze(1)
+    return (s1 - s0 + ((2 * s0).exp() + (m0 - m1) ** 2) / (2 * (2 * s1).exp()) - 0.5).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: K episodes per task with the vector environment, the policy in the loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Episodes:
+    """K episodes of H steps for each of T tasks. Steps after an episode ended are padding,
+    with mask 0. obs (T, K, H, obs_dim), actions (T, K, H, A), rewards / mask / log_prob
+    (T, K, H); advantages (T, K, H) once computed."""
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    mask: torch.Tensor
+    log_prob: torch.Tensor
+    advantages: torch.Tensor = None
+
+    def to(self, device):
+        return Episodes(*(None if v is None else v.to(device) for v in (
+            self.obs, self.actions, self.rewards, self.mask, self.log_prob, self.advantages)))
+
+    def returns(self):
+        """The return of each episode, (T, K): the sum of its rewards."""
+        return (self.rewards * self.mask).sum(-1)
+
+
+@torch.no_grad()
+def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling"):
+    """Alg. 3 lines 5 and 8: `episodes` trajectories of each task with the policy θ (or θ'_i).
+    params: (T, ...) on the CPU, one policy per task. Tasks run num_envs // K at a time, their K
+    episodes side by side; the action noise and every reset seed come from `generator`."""
+    from tqdm import tqdm
+    T, K = len(tasks), episodes
+    per_round = envs.num_envs // K
+    rounds = [list(range(s, min(s + per_round, T))) for s in range(0, T, per_round)]
+    parts = []
+    bar = tqdm(total=len(rounds) * horizon, desc=desc, leave=False, disable=None, mininterval=0.5)
+    for idx in rounds:
+        slots = idx + [idx[-1]] * (per_round - len(idx))     # unused slots repeat the last task
+        envs.set_attr("task", [tasks[i] for i in slots for _ in range(K)])
+        p = {k: v[slots] for k, v in params.items()}
+        seeds = torch.randint(0, 2 ** 31 - 1, (envs.num_envs,), generator=generator).tolist()
+        obs, _ = envs.reset(seed=seeds)
+        alive = np.ones(envs.num_envs, dtype=bool)
+        rec = {k: [] for k in ("obs", "actions", "means", "rewards", "mask")}
+        noise = torch.randn(horizon, per_round, K, params["log_std"].shape[-1], generator=generator)
+        std = p["log_std"].exp().unsqueeze(1)                          # (R, 1, A)
+        for t in range(horizon):
+            o = torch.from_numpy(np.asarray(obs, dtype=np.float32)).reshape(per_round, K, -1)
+            mean = policy_forward(p, o)[0]                              # (R, K, A)
+            action = mean + std * noise[t]
+            obs, reward, terminated, truncated, _ = envs.step(action.reshape(envs.num_envs, -1).numpy())
+            for k, v in (("obs", o), ("actions", action), ("means", mean), ("rewards", reward), ("mask", alive)):
+                rec[k].append(v)
+            alive = alive & ~(np.asarray(terminated) | np.asarray(truncated))
+            bar.update(1)
+            if not alive.any():
+                break
+        for k in ("rewards", "mask"):
+            rec[k] = [torch.from_numpy(np.asarray(v, dtype=np.float32)).reshape(per_round, K) for v in rec[k]]
+        means, actions = torch.stack(rec.pop("means"), 2), torch.stack(rec["actions"], 2)   # (R, K, steps, A)
+        rec["log_prob"] = [gaussian_log_prob((means.flatten(1, 2), p["log_std"]), actions.flatten(1, 2))
+                           .reshape(per_round, K, -1)]
+        steps = len(rec["obs"])
+        bar.update(horizon - steps)
+        batch = {k: (torch.stack(v, 2) if k != "log_prob" else v[0])[:len(idx)]
+                 for k, v in rec.items()}                                 # (tasks, K, steps, ...)
+        for k in ("obs", "actions", "rewards", "log_prob"):   # padding is zero, whatever the env did
+            m = batch["mask"]
+            batch[k] = batch[k] * (m.unsqueeze(-1) if batch[k].dim() == 4 else m)
+        if steps < horizon:   # every episode ended early: pad to H with masked steps
+            batch = {k: F.pad(v, (0, 0) * (v.dim() - 3) + (0, horizon - steps)) for k, v in batch.items()}
+        parts.append(batch)
+    bar.close()
+    return Episodes(**{k: torch.cat([b[k] for b in parts]) for k in parts[0]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages: the linear feature baseline (Duan et al. 2016) and GAE
+# ---------------------------------------------------------------------------------------------
+
+def discounted_returns(rewards, mask, gamma):
+    """G_t = r_t + γ G_{t+1}, within each episode: (..., H) -> (..., H)."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = (rewards[..., t] + gamma * running) * mask[..., t]
+        out[..., t] = running
+    return out
+
+
+def baseline_features(obs, mask):
+    """[o, o², t, t², t³, 1] with t = step / 100 (Duan et al.), zero on padded steps:
+    (T, K, H, d) -> (T, K*H, 2d + 4). Observations are clipped to [-10, 10] as in rllab."""
+    T, K, H, _ = obs.shape
+    o = obs.clamp(-10, 10)
+    t = (torch.arange(H, dtype=obs.dtype, device=obs.device) / 100.0).reshape(1, 1, H, 1).expand(T, K, H, 1)
+    f = torch.cat([o, o ** 2, t, t ** 2, t ** 3, torch.ones_like(t)], -1) * mask.unsqueeze(-1)
+    return f.reshape(T, K * H, -1)
+
+
+def fit_baseline(obs, returns, mask, reg=1e-5, attempts=5):
+    """Per task: w = argmin Σ_valid (f·w − G)² + reg·|w|², by the normal equations in float64,
+    with reg raised ×10 when the solve fails. Returns the fitted values (T, K, H), 0 on padding."""
+    feats = baseline_features(obs, mask).double()                           # (T, KH, D)
+    target = (returns * mask).reshape(returns.shape[0], -1, 1).double()  # (T, KH, 1)
+    gram, rhs = feats.transpose(1, 2) @ feats, feats.transpose(1, 2) @ target
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    for _ in range(attempts):
+        w, info = torch.linalg.solve_ex(gram + reg * eye, rhs)
+        if (info == 0).all() and torch.isfinite(w).all():
+            break
+        reg *= 10
+    return ((feats @ w).reshape(returns.shape) * mask).to(returns.dtype)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation: δ_t = r_t + γ V_{t+1} − V_t, A_t = Σ_l (γλ)^l δ_{t+l},
+    with V = 0 past the end of an episode. λ = 1 gives G_t − V_t."""
+    next_values = F.pad(values[..., 1:] * mask[..., 1:], (0, 1))
+    deltas = (rewards + gamma * next_values - values) * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = (deltas[..., t] + gamma * lam * running) * mask[..., t]
+        adv[..., t] = running
+    return adv
+
+
+def weighted_mean(x, mask, dims):
+    return (x * mask).sum(dims) / mask.sum(dims).clamp_min(1)
+
+
+def compute_advantages(ep, gamma, lam):
+    """The baseline fitted on this batch, GAE, and normalization per task over its valid steps."""
+    values = fit_baseline(ep.obs, discounted_returns(ep.rewards, ep.mask, gamma), ep.mask)
+    adv = gae(ep.rewards, values, ep.mask, gamma, lam)
+    mean = weighted_mean(adv, ep.mask, (1, 2)).reshape(-1, 1, 1)
+    std = weighted_mean((adv - mean) ** 2, ep.mask, (1, 2)).sqrt().reshape(-1, 1, 1)
+    ep.advantages = (adv - mean) / (std + 1e-8) * ep.mask
+    return ep
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: REINFORCE for the inner loop, the importance-weighted surrogate and KL for TRPO
+# ---------------------------------------------------------------------------------------------
+
+def flat_obs(ep):
+    return ep.obs.flatten(1, 2)                                       # (T, K*H, obs_dim)
+
+
+def reinforce_loss(dist, ep):
+    """Eq. (4) by the likelihood-ratio trick: −mean over valid steps of log π(a|s)·Â, per task (T,).
+    dist: the policy's output on flat_obs(ep)."""
+    logp = gaussian_log_prob(dist, ep.actions.flatten(1, 2)).reshape(ep.mask.shape)
+    return -weighted_mean(logp * ep.advantages, ep.mask, (1, 2))
+
+
+def surrogate_and_kl(fast, ep, old_dist):
+    """TRPO's objective on the post-adaptation episodes D'_i, averaged over tasks:
+    −E[π_θ'(a|s) / π_old(a|s) · Â], π_old being the policy that collected D'_i; and the mean KL
+    between the adapted policies at the old and the new meta-parameters. Also returns the new
+    policy's output (mean, log σ), for kl_hessian_vector_product."""
+    dist = policy_forward(fast, flat_obs(ep))
+    logp = gaussian_log_prob(dist, ep.actions.flatten(1, 2)).reshape(ep.mask.shape)
+    ratio = (logp - ep.log_prob).exp()
+    loss = -weighted_mean(ratio * ep.advantages, ep.mask, (1, 2)).mean()
+    kl = weighted_mean(gaussian_kl(old_dist, dist).reshape(ep.mask.shape), ep.mask, (1, 2)).mean()
+    return loss, kl, dist
+
+
+# ---------------------------------------------------------------------------------------------
+# TRPO (Schulman et al. 2015) on the meta-parameters
+# ---------------------------------------------------------------------------------------------
+
+def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
+    """Solves A x = b for a symmetric positive-definite A given as x -> A x."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        Ap = matvec(p)
+        alpha = rr / (p @ Ap)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = r @ r
+        if rr_new < tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def hessian_vector_product(scalar, params, damping=0.0):
+    """v -> (∇²scalar + damping·I) v by double backpropagation: the gradient is built with its
+    graph once, and each product differentiates g·v. Through the inner step this reaches third
+    derivatives of the inner loss; kl_hessian_vector_product avoids them."""
+    grads = flat(torch.autograd.grad(scalar, params, create_graph=True))
+
+    def hvp(v):
+        return flat(torch.autograd.grad(grads @ v, params, retain_graph=True)) + damping * v
+    return hvp
+
+
+def kl_hessian_vector_product(dist, mask, params, damping=0.0):
+    """v -> (∇²KL + damping·I) v at the old meta-parameters, where the KL and its gradient with
+    respect to the policy's output are zero. The chain rule then leaves only the Gauss-Newton
+    term, so the product is exactly Jᵀ M J v, with J = ∂(mean, log σ)/∂θ through the inner step
+    (double backprop) and M the KL's Hessian in the output: 1/σ² for the mean, 2 for log σ, each
+    weighted as the mean KL weights its steps. Equal to hessian_vector_product(kl) (tested), but
+    it never differentiates the inner loss three times."""
+    mean, log_std = dist                                             # (T, B, A), (T, A)
+    T = mean.shape[0]
+    step_weight = (mask / mask.sum(1, keepdim=True).clamp_min(1) / T).unsqueeze(-1)   # (T, B, 1)
+    m_mean = step_weight / (2 * log_std.detach()).exp().unsqueeze(1)
+    m_log_std = 2.0 * step_weight.sum(1)                             # (T, 1)
+    # Jᵀu for a dummy u, kept as a graph in u: differentiating (Jᵀu)·v by u gives J v.
+    u_mean = torch.zeros_like(mean, requires_grad=True)
+    u_log_std = torch.zeros_like(log_std, requires_grad=True)
+    jt_u = flat(torch.autograd.grad((mean * u_mean).sum() + (log_std * u_log_std).sum(), params,
+                                    create_graph=True))
+
+    def hvp(v):
+        jv_mean, jv_log_std = torch.autograd.grad(jt_u @ v, (u_mean, u_log_std), retain_graph=True)
+        mjv = (mean * (m_mean * jv_mean)).sum() + (log_std * (m_log_std * jv_log_std)).sum()
+        return flat(torch.autograd.grad(mjv, params, retain_graph=True)) + damping * v
+    return hvp
+
+
+def trpo_step(params, objective, max_kl, cg_iters, cg_damping, ls_steps, ls_ratio, hvp_mode="gauss-newton"):
+    """One TRPO update of the dict `params` in place. objective(params, create_graph) -> (loss,
+    kl, dist, mask). The step direction solves H s = −g by conjugate gradient, H the Hessian of
+    the KL; its length puts ½ sᵀHs at max_kl; the line search shrinks it by ls_ratio until the
+    loss improves and the KL is within bounds, else θ stays. Returns a dict of diagnostics."""
+    keys = list(params)
+    tensors = [params[k] for k in keys]
+    loss, kl, dist, mask = objective(params, create_graph=True)
+    g = flat(torch.autograd.grad(loss, tensors, retain_graph=True, materialize_grads=True))
+    if hvp_mode == "gauss-newton":
+        hvp = kl_hessian_vector_product(dist, mask, tensors, cg_damping)
+    else:
+        hvp = hessian_vector_product(kl, tensors, cg_damping)
+    step_dir = conjugate_gradient(hvp, -g, cg_iters)
+    shs = 0.5 * (step_dir @ hvp(step_dir))
+    info = {"loss_before": loss.item(), "grad_norm": g.norm().item()}
+    if not torch.isfinite(shs) or shs <= 0:
+        return {**info, "accepted": False, "kl": 0.0, "loss_after": loss.item(), "ls_step": -1}
+    full_step = step_dir * torch.sqrt(max_kl / shs)
+    old = flat(tensors).detach()
+
+    def assign(vector):
+        offset = 0
+        for k, t in zip(keys, tensors):
+            with torch.no_grad():
+                t.copy_(vector[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    for i in range(ls_steps):
+        assign(old + ls_ratio ** i * full_step)
+        new_loss, new_kl, _, _ = objective(params, create_graph=False)
+        if torch.isfinite(new_loss) and new_loss < loss and new_kl <= max_kl:
+            return {**info, "accepted": True, "kl": new_kl.item(), "loss_after": new_loss.item(), "ls_step": i}
+    assign(old)
+    return {**info, "accepted": False, "kl": 0.0, "loss_after": loss.item(), "ls_step": ls_steps}
+
+
+# ---------------------------------------------------------------------------------------------
+# The meta-iteration (Alg. 3), given the algorithm's inner loop
+# ---------------------------------------------------------------------------------------------
+
+def cpu_copy(fast):
+    """A detached copy on the CPU (a copy even there: TRPO later changes θ in place)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in fast.items()}
+
+
+def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
+    """Alg. 3 lines 3-10 for one meta-batch. inner_adapt(params (T, ...), episodes, α,
+    first_order) -> θ'_i is the algorithm's inner loop."""
+    T = len(tasks)
+    theta = per_task(cpu_copy(params), T)
+    # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
+    train_eps = compute_advantages(sample(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i"),
+                                   cfg.gamma, cfg.gae_lambda).to(device)
+    # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
+    fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
+                       train_eps, cfg.inner_lr, first_order=True)
+    valid_eps = compute_advantages(sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator, "D'_i"),
+                                   cfg.gamma, cfg.gae_lambda).to(device)
+    with torch.no_grad():
+        old_dist = tuple(d.detach() for d in policy_forward({k: v.detach() for k, v in fast.items()},
+                                                            flat_obs(valid_eps)))
+
+    def objective(p, create_graph):
+        # The inner step is recomputed at every θ the line search tries; second-order unless
+        # --first-order, so that g and the Hessian-vector products run through θ'_i(θ).
+        with torch.enable_grad():
+            f = inner_adapt(per_task(p, T), train_eps, cfg.inner_lr, first_order=cfg.first_order or not create_graph)
+            return (*surrogate_and_kl(f, valid_eps, old_dist), valid_eps.mask.flatten(1))
+
+    # Alg. 3 line 10, with TRPO as the meta-optimizer (§5.3)
+    info = trpo_step(params, objective, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_steps, cfg.ls_ratio,
+                     cfg.hvp)
+    info["return_before"] = train_eps.returns().mean().item()
+    info["return_after"] = valid_eps.returns().mean().item()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: return per episode before adaptation and after 1..eval_steps steps (Fig. 4/5)
+# ---------------------------------------------------------------------------------------------
+
+def adaptation_returns(params, inner_adapt, envs, tasks, cfg, generator, device, steps):
+    """Mean return per episode of each task after 0..steps gradient steps: (steps+1, tasks).
+    A.2: α for the first step, α/2 for the later ones. Each step samples fresh episodes."""
+    T = len(tasks)
+    fast = per_task({k: v.detach() for k, v in params.items()}, T)
+    rows = []
+    for step in range(steps + 1):
+        ep = sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator, f"eval step {step}")
+        rows.append(ep.returns().mean(1).numpy())
+        if step < steps:
+            ep = compute_advantages(ep, cfg.gamma, cfg.gae_lambda).to(device)
+            lr = cfg.inner_lr if step == 0 else cfg.inner_lr / 2
+            fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+            fast = {k: v.detach() for k, v in inner_adapt(fast, ep, lr, first_order=True).items()}
+    return np.stack(rows)
+
+
+def seeded_tasks(cfg, n, seed):
+    return task_family(cfg.env).sample_tasks(n, np.random.default_rng(seed))
+
+
+def evaluate(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device):
+    g = torch.Generator().manual_seed(seed)
+    return adaptation_returns(params, inner_adapt, envs, seeded_tasks(cfg, n_tasks, seed), cfg, g, device, steps)
+
+
+def format_returns(curve):
+    return "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
+
+
+def plot_returns(path, curve, cfg, algorithm):
+    """MAML Fig. 4/5: return per episode against gradient steps, with the curves of the runs
+    given by --plot-with (their --out JSON files) on the same axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = [(algorithm.upper(), [mean_ci(r) for r in curve])]
+    for other in cfg.plot_with or []:
+        with open(other) as f:
+            run = json.load(f)
+        label = run.get("algorithm", "?").upper() + (" (first-order)" if run["config"].get("first_order") else "")
+        curves.append((label, run["test"]["return_by_step"]))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, stats in curves:
+        ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o",
+                    capsize=3, label=label)
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel("average return per episode")
+    ax.set_xticks(range(max(len(stats) for _, stats in curves)))
+    ax.set_title(f"{cfg.env}, {cfg.test_tasks} test tasks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and main
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(cfg, state, inner_adapt, algorithm):
+    device = torch.device(cfg.device)
+    params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
+    best = state.get("best", {"params": {k: v.clone() for k, v in state["params"].items()},
+                              "val_return": -math.inf, "iteration": 0})
+    task_rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if "rng" in state:   # resuming
+        task_rng.bit_generator.state = state["rng"]["tasks"]
+        generator.set_state(state["rng"]["sampling"])
+    history = state.get("history", [])
+    envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
+    family = task_family(cfg.env)
+
+    def checkpoint(iteration):
+        return {"params": cpu_copy(params), "config": vars(cfg), "iteration": iteration, "algorithm": algorithm,
+                "best": best, "history": history,
+                "rng": {"tasks": task_rng.bit_generator.state, "sampling": generator.get_state()}}
+
+    from tqdm import tqdm
+    start = state["iteration"]
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{algorithm} {cfg.env}",
+               dynamic_ncols=True, mininterval=0.5)
+    started = time.time()
+    for it in bar:
+        tasks = family.sample_tasks(cfg.meta_batch_size, task_rng)       # Alg. 3 line 3
+        info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device)
+        if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
+                not all(torch.isfinite(v).all() for v in params.values()):
+            bar.close()
+            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
+            raise SystemExit(f"error: non-finite surrogate loss, gradient or parameters at iteration {it + 1}: "
+                             f"training stopped (try a smaller --inner-lr or --max-kl){kept}")
+        bar.set_postfix({"R0": f"{info['return_before']:.2f}", "R1": f"{info['return_after']:.2f}",
+                         "kl": f"{info['kl']:.4f}"}, refresh=False)
+        done = it + 1
+        if done % cfg.val_every == 0 or done == cfg.iterations:
+            # A.2 keeps the model with the best return; we measure it on fixed validation tasks
+            val = evaluate(params, inner_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device)
+            line = {"iteration": done, "train_return_before": round(info["return_before"], 3),
+                    "train_return_after": round(info["return_after"], 3),
+                    "val_return_before": round(float(val[0].mean()), 3),
+                    "val_return_after": round(float(val[1].mean()), 3),
+                    "kl": round(info["kl"], 5), "ls_step": info["ls_step"], "elapsed_s": round(time.time() - started, 1)}
+            if line["val_return_after"] > best["val_return"]:
+                best = {"params": cpu_copy(params), "val_return": line["val_return_after"], "iteration": done}
+            history.append(line)
+            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+            if cfg.save:
+                maml.save_checkpoint(cfg.save, checkpoint(done))
+    bar.close()
+    envs.close()
+    return checkpoint(cfg.iterations)
+
+
+SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs"}
+OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks"}
+
+
+def main(argv, inner_adapt, algorithm, prog):
+    """The meta-RL entry point of maml.py and anil.py (`--env NAME`)."""
+    parser = build_parser(prog, algorithm)
+    args = parser.parse_args(argv)
+    defaults = vars(parser.parse_args(["--env", args.env]))
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    source = args.resume or args.load
+    saved = maml.load_checkpoint(source) if source else None
+    if saved:
+        kind = saved.get("algorithm", "maml")
+        if not saved["config"].get("env"):
+            raise SystemExit(f"error: {source} is a supervised checkpoint, not a meta-RL one")
+        if saved["config"]["env"] != args.env:
+            raise SystemExit(f"error: {source} was trained on {saved['config']['env']}, not {args.env}")
+        if args.resume and kind != algorithm:
+            raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
+        args = maml.merge_checkpoint_config(args, saved["config"], given, SESSION_FLAGS, OVERRIDABLE_FLAGS)
+    cfg = finalize_config(args)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    maml.seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    probe = make_vector_env(cfg.env, cfg.episodes, cfg.horizon, "sync")
+    obs_dim, act_dim = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
+    probe.close()
+    if saved:
+        state = saved
+        if saved["params"]["fc1.w"].shape[0] != obs_dim:
+            raise SystemExit(f"error: the policy in {source} does not fit {cfg.env}")
+    else:
+        state = {"params": init_policy(obs_dim, act_dim, torch.Generator().manual_seed(cfg.seed)), "iteration": 0}
+
+    started = time.time()
+    if not cfg.eval_only:
+        if state["iteration"] >= cfg.iterations:
+            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
+        else:
+            state = train(cfg, state, inner_adapt, algorithm)
+    results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
+               "iteration": state["iteration"], "history": state.get("history", [])}
+    best = state.get("best")
+    chosen = best["params"] if best else state["params"]
+    if best:
+        print(f"best model: iteration {best['iteration']}, validation return after one step {best['val_return']:.3f}")
+        results["best_iteration"] = best["iteration"]
+    params = {k: v.to(device) for k, v in chosen.items()}
+    envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
+    curve = evaluate(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device)
+    envs.close()
+    print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.episodes} episodes per step, "
+          f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps (α = {cfg.inner_lr}, then α/2):")
+    print("  " + format_returns(curve))
+    print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(mean_ci(r) for r in curve)))
+    results["test"] = {"return_by_step": [mean_ci(r) for r in curve]}
+    results["eval_seconds"] = round(time.time() - started - results["train_seconds"], 1)
+    if cfg.plot:
+        plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot, curve, cfg, algorithm)
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {cfg.out}")
+    return results
