@@ -151,8 +151,9 @@ def finalize_config(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Environments. Each task family has sample_tasks(n, rng) and set_task(task); a vector of
-# environments takes one task per environment through set_attr("task", [...]).
+# Environments. Each task family has sample_tasks(n, rng=None) (rng: a numpy Generator, a seed,
+# or None for fresh entropy) and set_task(task); a vector of environments takes one task per
+# environment through set_attr("task", [...]).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -175,8 +176,8 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
         self.steps = np.zeros(num_envs, dtype=np.int64)
 
     @staticmethod
-    def sample_tasks(n, rng):
-        return [{"goal": tuple(g)} for g in rng.uniform(-0.5, 0.5, size=(n, 2))]
+    def sample_tasks(n, rng=None):
+        return [{"goal": tuple(g)} for g in np.random.default_rng(rng).uniform(-0.5, 0.5, size=(n, 2))]
 
     def set_task(self, task):
         self.goals[:] = task["goal"]
@@ -233,8 +234,8 @@ class HalfCheetahDir(LocomotionTask):
     # §5.3: run forward or backward, d = ±1 with equal probability; reward d·v_x − 0.05·Σa²
     # (the 0.5·0.1 control cost of the reference environments).
     @staticmethod
-    def sample_tasks(n, rng):
-        return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], size=n)]
+    def sample_tasks(n, rng=None):
+        return [{"direction": float(d)} for d in np.random.default_rng(rng).choice([-1.0, 1.0], size=n)]
 
     def task_reward(self, info, action):
         return self.task["direction"] * info["x_velocity"] - 0.05 * float(np.square(action).sum())
@@ -243,8 +244,8 @@ class HalfCheetahDir(LocomotionTask):
 class HalfCheetahVel(LocomotionTask):
     # §5.3: goal velocity U[0, 2]; reward −|v_x − v_goal| − 0.05·Σa²
     @staticmethod
-    def sample_tasks(n, rng):
-        return [{"velocity": float(v)} for v in rng.uniform(0.0, 2.0, size=n)]
+    def sample_tasks(n, rng=None):
+        return [{"velocity": float(v)} for v in np.random.default_rng(rng).uniform(0.0, 2.0, size=n)]
 
     def task_reward(self, info, action):
         return -abs(info["x_velocity"] - self.task["velocity"]) - 0.05 * float(np.square(action).sum())
@@ -259,8 +260,8 @@ ANT_CTRL_COST, ANT_CONTACT_COST, ANT_SURVIVE = 0.005, 5e-4, 0.05
 class AntDir(LocomotionTask):
     # §5.3: forward or backward along x, d = ±1; reward d·v_x − costs + survive bonus
     @staticmethod
-    def sample_tasks(n, rng):
-        return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], size=n)]
+    def sample_tasks(n, rng=None):
+        return [{"direction": float(d)} for d in np.random.default_rng(rng).choice([-1.0, 1.0], size=n)]
 
     def task_reward(self, info, action):
         return (self.task["direction"] * info["x_velocity"] - ANT_CTRL_COST * float(np.square(action).sum())
@@ -273,8 +274,8 @@ class AntVel(LocomotionTask):
     VELOCITY_BONUS = 1.0
 
     @staticmethod
-    def sample_tasks(n, rng):
-        return [{"velocity": float(v)} for v in rng.uniform(0.0, 3.0, size=n)]
+    def sample_tasks(n, rng=None):
+        return [{"velocity": float(v)} for v in np.random.default_rng(rng).uniform(0.0, 3.0, size=n)]
 
     def task_reward(self, info, action):
         return (-abs(info["x_velocity"] - self.task["velocity"]) + self.VELOCITY_BONUS
