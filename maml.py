@@ -153,12 +153,7 @@ def build_parser():
 
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
-    if cfg.eval_only and not cfg.load:
-        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
-    if cfg.load and not cfg.eval_only:
-        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
-    if cfg.load and cfg.resume:
-        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
+    check_session_flags(cfg)
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
@@ -176,11 +171,22 @@ def finalize_config(cfg):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.eval_steps < 0:
         raise SystemExit("error: --eval-steps must be at least 0")
+    return cfg
+
+
+def check_session_flags(cfg):
+    """The checks every entry point shares (maml.py, anil.py, rl.py): checkpoint flags that go
+    together, matplotlib for --plot, a CUDA device for --device cuda."""
+    if cfg.eval_only and not cfg.load:
+        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.load and not cfg.eval_only:
+        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
+    if cfg.load and cfg.resume:
+        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

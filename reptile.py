@@ -36,7 +36,6 @@ Run:    python reptile.py            (sinusoid regression of §4, CPU, about 2 m
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -186,10 +185,7 @@ def parse_combination(text, k):
 
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
-    if cfg.eval_only and not cfg.load:
-        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    maml.check_session_flags(cfg)
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
@@ -224,8 +220,6 @@ def finalize_config(cfg):
     if cfg.meta_step_size <= 0 or cfg.inner_lr <= 0:
         raise SystemExit("error: --meta-step-size and --inner-lr must be positive")
     parse_combination(cfg.combination, cfg.inner_steps)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
     return cfg
 
 

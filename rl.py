@@ -28,7 +28,6 @@ Run:    python maml.py --env navigation2d          (MAML on 2D navigation, about
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -108,12 +107,8 @@ def build_parser(prog, algorithm):
 
 
 def finalize_config(cfg):
-    if cfg.eval_only and not cfg.load:
-        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
-    if cfg.load and not cfg.eval_only:
-        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
-    if cfg.load and cfg.resume:
-        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
+    """Fill unset flags with the env's paper settings and reject impossible combinations."""
+    maml.check_session_flags(cfg)
     for k, v in ENV_SETTINGS[cfg.env].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -143,10 +138,6 @@ def finalize_config(cfg):
             raise SystemExit(f"error: --plot-with {path} is not the --out JSON of a meta-RL run ({e!r})") from None
         if env != cfg.env:
             raise SystemExit(f"error: --plot-with {path} is not a {cfg.env} run")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
     return cfg
 
 
@@ -727,10 +718,6 @@ def plot_returns(path, curve, cfg, algorithm):
 # ---------------------------------------------------------------------------------------------
 # Training and main
 # ---------------------------------------------------------------------------------------------
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
 
 def train(cfg, state, inner_adapt, algorithm):
     device = torch.device(cfg.device)
