@@ -583,6 +583,7 @@ def adapt_policy(params, episodes, inner_lr, first_order):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    maml.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
         import rl
         return rl.main(argv, adapt_policy, "anil", "anil.py")

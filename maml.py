@@ -27,6 +27,7 @@ Run:    python maml.py            (sinusoid regression, CPU, about 1.5 minutes)
 """
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import math
@@ -620,6 +621,23 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def keep_freed_memory():
+    """Speed only: let glibc keep the memory of freed tensors instead of giving it back to the OS.
+    PyTorch's CPU tensors come from malloc, and by default glibc returns large freed blocks
+    (munmap, heap trimming) at once, so the next iteration's identical tensors page-fault that
+    memory in again: a fifth of a meta-RL iteration went to the kernel. With blocks up to 32 MiB
+    served from the heap and up to 1 GiB of free heap kept, that time is gone (README,
+    Benchmarks). Numbers are unchanged. Returns whether the settings took (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # from glibc's <malloc.h>
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
 def load_splits(cfg):
     if cfg.dataset == "sinusoid":
         return None
@@ -730,6 +748,7 @@ def adapt_policy(params, episodes, inner_lr, first_order):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
         import rl
         return rl.main(argv, adapt_policy, "maml", "maml.py")

@@ -231,6 +231,7 @@ def head_body_table(cfg, problem, net, splits, init, trained, algorithm):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    maml.keep_freed_memory()
     cfg, saved = anil.parse(build_parser(), argv, anil.ANALYSIS_FLAGS | NIL_FLAGS)
     if cfg.dataset == "sinusoid":
         raise SystemExit("error: NIL classifies by cosine similarity to labelled support examples; "

@@ -598,6 +598,7 @@ def train(cfg, problem, sample_train, state):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    maml.keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Flags whose value differs from the default count as given (for --resume / --load).

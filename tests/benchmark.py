@@ -10,7 +10,9 @@ episode sampler's throughput on one core.
     python tests/benchmark.py --settings sinusoid --device cuda
 
 Each measurement runs in a fresh subprocess, so that the peak memory (resident set size on the
-CPU, max_memory_allocated on CUDA) belongs to that measurement alone.
+CPU, max_memory_allocated on CUDA) belongs to that measurement alone. The subprocesses set glibc's
+malloc as the scripts do (maml.keep_freed_memory()), our code and the per-task loop alike;
+--malloc-default leaves it alone, as it was when the learn2learn times were taken.
 """
 
 import argparse
@@ -163,23 +165,30 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps-scale", type=float, default=1.0, help="multiply the repetitions")
     p.add_argument("--one", nargs=2, metavar=("SETTING", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc settings alone (the scripts call maml.keep_freed_memory(); "
+                        "the learn2learn times were taken without it)")
     p.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.one:
+        if not args.malloc_default:
+            maml.keep_freed_memory()
         name, method = args.one
         reps = max(1, int(REPS[name] * args.reps_scale))
         print(json.dumps(measure(name, method, device, reps)))
         return
 
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"keep_freed_memory={not args.malloc_default}")
     results = {}
     mem = "peak MiB (CUDA allocated)" if device.type == "cuda" else "peak RSS MiB (+ over the process before the first step)"
     print(f"{'setting':<19} {'method':<12} {'ms/iter':>9}   {mem}")
     for name in args.settings:
         for method in METHODS:
             out = subprocess.run([sys.executable, __file__, "--one", name, method, "--device", args.device,
-                                  "--reps-scale", str(args.reps_scale)], capture_output=True, text=True)
+                                  "--reps-scale", str(args.reps_scale)] + ["--malloc-default"] * args.malloc_default,
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(out.stderr)
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,6 +208,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "threads": torch.get_num_threads(),
+                       "keep_freed_memory": not args.malloc_default,
                        "steps": {f"{n}/{m}": r for (n, m), r in results.items()}, "sampler": samp}, f, indent=1)
 
 

@@ -2,9 +2,10 @@
 
 Prints, for each environment, the raw step rate of the vector environment (random actions, no
 policy) and the step rate of rl.sample() with the Gaussian policy in the loop (issue target: at
-least 80% of the raw rate); then the seconds per meta-iteration of MAML, first-order MAML and
-ANIL (sampling D_i and D'_i, the inner step, TRPO) at the paper's meta-batch, and the peak
-resident memory.
+least 80% of the raw rate) and the rate of the policy's forward pass alone, which bounds that
+ratio; then the seconds per meta-iteration of MAML, first-order MAML and ANIL (sampling D_i and
+D'_i, the inner step, TRPO) at the paper's meta-batch, and the peak resident memory. glibc's
+malloc is set as the scripts set it (maml.keep_freed_memory()) unless --malloc-default.
 
     python tests/benchmark_rl.py                      # about 10 minutes on 2 CPU cores
     python tests/benchmark_rl.py --envs navigation2d --iterations 5
@@ -63,6 +64,21 @@ def sampling_steps_per_s(name, num_envs, episodes, horizon, rounds):
     return steps / seconds, float(ep.mask.mean())
 
 
+def policy_steps_per_s(name, num_envs, episodes, horizon, rounds):
+    """The policy's forward pass alone, on as many observations as the vector env returns per
+    step: no sampling can be faster than 1 / (1 / raw + 1 / this)."""
+    envs = rl.make_vector_env(name, 1, horizon)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    envs.close()
+    params = maml.per_task(rl.init_policy(obs_dim, act_dim, torch.Generator().manual_seed(0)), num_envs // episodes)
+    obs = torch.randn(num_envs // episodes, episodes, obs_dim, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(rounds * horizon):
+            rl.policy_forward(params, obs)
+    return rounds * horizon * num_envs / (time.perf_counter() - start)
+
+
 def meta_iteration_seconds(name, algorithm, iterations, meta_batch, episodes, first_order=False):
     cfg = SimpleNamespace(**vars(rl.build_parser("bench", algorithm).parse_args(["--env", name])))
     cfg.meta_batch_size, cfg.episodes, cfg.first_order = meta_batch, episodes, first_order
@@ -91,19 +107,26 @@ def main():
     p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations (the median is printed)")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-iteration (default: the paper's)")
     p.add_argument("--skip-meta", action="store_true", help="only the step rates")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc settings alone (rl.py calls maml.keep_freed_memory())")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} num_envs={args.num_envs}")
-    results = {"threads": torch.get_num_threads(), "num_envs": args.num_envs, "envs": {}}
+    kept = False if args.malloc_default else maml.keep_freed_memory()
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()} num_envs={args.num_envs} "
+          f"keep_freed_memory={kept}")
+    results = {"threads": torch.get_num_threads(), "num_envs": args.num_envs, "keep_freed_memory": kept, "envs": {}}
     for name in args.envs:
         s = rl.ENV_SETTINGS[name]
         episodes = 20
         raw = raw_steps_per_s(name, args.num_envs, s["horizon"], args.rounds)
         with_policy, alive = sampling_steps_per_s(name, args.num_envs, episodes, s["horizon"], args.rounds)
+        policy = policy_steps_per_s(name, args.num_envs, episodes, s["horizon"], args.rounds)
+        bound = 1 / (1 + raw / policy)
         r = {"raw_steps_per_s": raw, "sampling_steps_per_s": with_policy, "ratio": with_policy / raw,
-             "valid_fraction": alive}
+             "policy_forward_steps_per_s": policy, "ratio_bound": bound, "valid_fraction": alive}
         print(f"{name:<16} raw vector env {raw:9.0f} steps/s   sampling with the policy {with_policy:9.0f} steps/s"
-              f"   ratio {with_policy / raw:.2f} (target >= 0.80)")
+              f"   ratio {with_policy / raw:.2f} (target >= 0.80)\n{'':<16} the policy's forward pass alone "
+              f"{policy:9.0f} steps/s: the ratio cannot exceed {bound:.2f}")
         if not args.skip_meta:
             for algorithm, first_order in (("maml", False), ("maml", True), ("anil", False)):
                 T = args.meta_batch or s["meta_batch_size"]

@@ -1,6 +1,10 @@
 """The mathematics of maml.py: meta-gradients against finite differences and closed forms,
 the batched-tasks trick against one task at a time, BatchNorm, and reproducibility."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -204,3 +208,40 @@ def test_task_chunk_and_eval_batch_change_nothing_but_speed():
     whole = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 7, seed=0)])
     pieces = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 3, seed=0)])
     assert torch.equal(whole, pieces)
+
+
+KEEP_MEMORY_PROBE = """
+import ctypes, sys
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+took = None
+if sys.argv[1] == "keep":     # the control run imports nothing that could move glibc's thresholds
+    sys.path.insert(0, {root!r})
+    import maml
+    took = maml.keep_freed_memory()
+block = libc.malloc(16 << 20)          # a 16 MiB tensor's worth
+mapped = libc.mallinfo2().hblkhd       # bytes in blocks that malloc took by mmap
+libc.free(block)
+print(took, mapped >= 16 << 20, libc.mallinfo2().fordblks >= 16 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory() only acts on glibc")
+def test_keep_freed_memory_keeps_a_freed_block_in_the_heap(tmp_path):
+    # glibc's default maps a fresh 16 MiB block by mmap and unmaps it on free (the page faults
+    # keep_freed_memory() removes); with it, the block comes from the heap and stays there free.
+    script = tmp_path / "probe.py"
+    script.write_text(KEEP_MEMORY_PROBE.format(root=str(Path(__file__).resolve().parent.parent)))
+    run = {mode: subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+           .stdout.split() for mode in ("default", "keep")}
+    assert run["default"] == ["None", "True", "False"]
+    assert run["keep"] == ["True", "False", "True"]

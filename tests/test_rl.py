@@ -53,13 +53,16 @@ def test_conjugate_gradient_solves_spd_systems():
         q = torch.randn(n, n, generator=g, dtype=torch.float64)
         A = q @ q.T + 0.5 * torch.eye(n, dtype=torch.float64)
         b = torch.randn(n, generator=g, dtype=torch.float64)
-        x = rl.conjugate_gradient(lambda v: A @ v, b, iters=n, tol=1e-30)
+        x, ax = rl.conjugate_gradient(lambda v: A @ v, b, iters=n, tol=1e-30)
         assert torch.allclose(A @ x, b, atol=1e-8)
         assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-8)
-    # too few iterations on an ill-conditioned system leaves a residual: the test can fail
+        assert torch.allclose(ax, A @ x, atol=1e-10)
+    # too few iterations on an ill-conditioned system leaves a residual: the test can fail;
+    # the returned A x is still A times the returned x (trpo_step's xᵀA x relies on it)
     A = torch.diag(torch.logspace(0, 4, 8, dtype=torch.float64))
-    x = rl.conjugate_gradient(lambda v: A @ v, torch.ones(8, dtype=torch.float64), iters=2)
+    x, ax = rl.conjugate_gradient(lambda v: A @ v, torch.ones(8, dtype=torch.float64), iters=2)
     assert (A @ x - 1).abs().max() > 1e-3
+    assert torch.allclose(ax, A @ x, rtol=1e-10, atol=1e-10)
 
 
 def test_gaussian_kl_is_zero_at_identical_parameters_and_matches_the_closed_form():
