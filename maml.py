@@ -627,7 +627,7 @@ def keep_freed_memory():
     (munmap, heap trimming) at once, so the next iteration's identical tensors page-fault that
     memory in again: a fifth of a meta-RL iteration went to the kernel. With blocks up to 32 MiB
     served from the heap and up to 1 GiB of free heap kept, that time is gone (README,
-    Benchmarks). Numbers are unchanged. Returns whether the settings took (False off glibc)."""
+    rl.py section, Speed). Numbers are unchanged. Returns whether the settings took (False off glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
