@@ -1,0 +1,181 @@
+"""Golden values: tiny seeded runs of every script, and one meta-gradient per algorithm.
+
+They guard refactoring. A change that should not change what the code computes (moving code,
+renaming, sharing a loop) must leave every value here bit-identical. A change that alters a
+number on purpose (a fidelity fix) re-records the values it moves, in the same commit, and says
+why: `GOLDEN_RECORD=1 python -m pytest tests/test_golden.py` rewrites tests/golden.json.
+
+The values are exact for the torch version and CPU architecture they were recorded with (the
+file says which). Elsewhere, other kernels may round differently in the last bits, so the check
+falls back to a relative tolerance of 1e-4, which still catches any real change.
+"""
+
+import json
+import os
+import platform
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import anil
+import maml
+import nil
+import reptile
+import rl
+
+GOLDEN = Path(__file__).with_name("golden.json")
+RECORD = os.environ.get("GOLDEN_RECORD") == "1"
+HERE = {"torch": torch.__version__, "machine": platform.machine()}
+
+
+def floats(obj):
+    """Every number in a nested result, in a fixed order (dict keys sorted)."""
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj, key=str) for x in floats(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in floats(v)]
+    if isinstance(obj, (int, float, np.floating, np.integer)) and not isinstance(obj, bool):
+        return [float(obj)]
+    if isinstance(obj, torch.Tensor):
+        return [float(x) for x in obj.double().reshape(-1).tolist()]
+    return []
+
+
+def summary(tensors):
+    """Sum, sum of squares and a few entries of each tensor: enough to see any change."""
+    out = {}
+    for k, v in tensors.items():
+        flat = v.detach().double().reshape(-1)
+        picks = flat[torch.linspace(0, flat.numel() - 1, min(5, flat.numel())).long()]
+        out[k] = [flat.sum().item(), (flat ** 2).sum().item(), *picks.tolist()]
+    return out
+
+
+def check(name, values):
+    values = floats(values)
+    store = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"recorded_with": HERE, "values": {}}
+    if RECORD:
+        store["recorded_with"] = HERE
+        store["values"][name] = values
+        GOLDEN.write_text(json.dumps(store, indent=0) + "\n")
+        return
+    assert name in store["values"], f"no golden value {name!r}: record it with GOLDEN_RECORD=1"
+    expected = store["values"][name]
+    assert len(values) == len(expected), f"{name}: {len(values)} values, golden has {len(expected)}"
+    if store["recorded_with"] == HERE:
+        assert values == expected, f"{name} moved: first difference at index " + str(
+            next(i for i, (a, b) in enumerate(zip(values, expected)) if a != b))
+    else:
+        np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def run_result(main, argv, tmp_path):
+    """A run's test metrics, its validation history, and its final parameters."""
+    ckpt = tmp_path / "golden.pt"
+    r = main(argv + ["--save", str(ckpt)])
+    saved = torch.load(ckpt, weights_only=True)
+    history = [{k: v for k, v in line.items() if k != "elapsed_s"} for line in r.get("history", [])]
+    return {"test": r["test"], "history": history, "params": summary(saved["params"])}
+
+
+SINUSOID = ["--iterations", "3", "--meta-batch-size", "4", "--val-every", "1", "--val-tasks", "3",
+            "--test-tasks", "5", "--eval-steps", "2", "--device", "cpu"]
+OMNIGLOT = ["--dataset", "omniglot", "--ways", "3", "--iterations", "3", "--meta-batch-size", "2",
+            "--val-every", "1", "--val-tasks", "2", "--test-tasks", "4", "--eval-steps", "2", "--device", "cpu"]
+NAV = ["--env", "navigation2d", "--iterations", "2", "--meta-batch-size", "3", "--episodes", "3",
+       "--horizon", "10", "--test-tasks", "2", "--val-tasks", "2", "--val-every", "1", "--eval-steps", "1",
+       "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script", ["maml", "anil", "reptile"])
+def test_sinusoid_runs(script, tmp_path):
+    main = {"maml": maml.main, "anil": anil.main, "reptile": reptile.main}[script]
+    extra = ["--meta-batch-size", "2", "--eval-steps", "4"] if script == "reptile" else []
+    check(f"{script}.py sinusoid", run_result(main, SINUSOID + extra, tmp_path))
+
+
+@pytest.mark.parametrize("script", ["maml", "anil", "nil", "reptile"])
+def test_omniglot_fixture_runs(script, omniglot_dir, tmp_path):
+    main = {"maml": maml.main, "anil": anil.main, "nil": nil.main, "reptile": reptile.main}[script]
+    # the fixture has 4 drawings per character: Reptile trains on 3 of them, in batches of 3
+    extra = ["--train-shots", "3", "--inner-batch", "3", "--eval-inner-batch", "2"] if script == "reptile" else []
+    check(f"{script}.py omniglot", run_result(main, OMNIGLOT + extra + ["--data-dir", str(omniglot_dir)], tmp_path))
+
+
+@pytest.mark.parametrize("script", ["maml", "anil"])
+def test_navigation_runs(script, tmp_path):
+    main = {"maml": maml.main, "anil": anil.main}[script]
+    check(f"{script}.py navigation2d", run_result(main, NAV, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# One meta-gradient per algorithm, on a small conv net and a fixed batch, in float32 (our path)
+# ---------------------------------------------------------------------------------------------
+
+def conv_batch(ways=3, shots=2, tasks=2, size=28):
+    g = torch.Generator().manual_seed(0)
+    params = maml.init_convnet(1, 8, ways, 8, g)
+    x_s = torch.rand(tasks, ways * shots, 1, size, size, generator=g)
+    x_q = torch.rand(tasks, ways * shots, 1, size, size, generator=g)
+    y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
+    return params, (x_s, y, x_q, y)
+
+
+def omniglot_problem(params):
+    return maml.Problem(params, lambda p, x: maml.conv_forward(p, x, False), maml.cross_entropy_per_task,
+                        maml.accuracy_per_task, "acc", None)
+
+
+def grads_of(loss, params):
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_meta_gradient(first_order):
+    params, batch = conv_batch()
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    cfg = SimpleNamespace(inner_steps=2, inner_lr=0.4, first_order=first_order)
+    loss, _ = maml.meta_loss(params, omniglot_problem(params), batch, cfg)
+    check(f"maml meta-gradient first_order={first_order}", summary(grads_of(loss, params)))
+
+
+def test_anil_meta_gradient():
+    params, batch = conv_batch()
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    problem = omniglot_problem(params)
+    cfg = SimpleNamespace(inner_steps=2, inner_lr=0.4, first_order=False, dataset="omniglot")
+    loss, _ = anil.meta_loss(params, problem, anil.make_net(cfg, problem), batch, cfg)
+    check("anil meta-gradient", summary(grads_of(loss, params)))
+
+
+def test_reptile_meta_update():
+    params, batch = conv_batch(shots=4)
+    problem = omniglot_problem(params)
+    cfg = SimpleNamespace(inner_lr=0.001, inner_optimizer="adam", adam_beta1=0.0, tail="shared",
+                          combination="g1+g2+g3", combine="sum")
+    schedule = reptile.minibatch_schedule(2, 12, 0, 5, 3, "shared", False, torch.Generator().manual_seed(1))
+    x, y = batch[0], batch[1]
+    new, state, _, _ = reptile.meta_step(params, reptile.init_inner_state(params), (x, y, x[:, :0], y[:, :0]),
+                                         schedule, problem, cfg, 0.5)
+    check("reptile meta-update", summary({k: new[k] - params[k] for k in params}) | summary(state["v"]))
+
+
+def test_rl_meta_gradient():
+    """The TRPO surrogate's gradient through MAML's inner step on navigation episodes."""
+    cfg = SimpleNamespace(episodes=3, horizon=10, gamma=0.99, gae_lambda=1.0, inner_lr=0.1)
+    envs = rl.make_vector_env("navigation2d", 6, 10)
+    tasks = rl.Navigation2DVectorEnv.sample_tasks(2, np.random.default_rng(0))
+    params = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    theta = maml.per_task(params, 2)
+    train_eps = rl.compute_advantages(rl.sample(envs, theta, tasks, 3, 10, g), 0.99, 1.0)
+    valid_eps = rl.compute_advantages(rl.sample(envs, theta, tasks, 3, 10, g), 0.99, 1.0)
+    p = {k: v.clone().requires_grad_() for k, v in params.items()}
+    fast = maml.adapt_policy(maml.per_task(p, 2), train_eps, 0.1, first_order=False)
+    with torch.no_grad():
+        old = rl.policy_forward({k: v.detach() for k, v in fast.items()}, rl.flat_obs(valid_eps))
+    loss, _, _ = rl.surrogate_and_kl(fast, valid_eps, old)
+    check("rl meta-gradient", summary(grads_of(loss, p)))
