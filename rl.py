@@ -87,6 +87,12 @@ def build_parser(prog, algorithm):
     a("--val-tasks", type=int, default=20, help="validation tasks; the best model by the return after one step is kept (A.2)")
     a("--test-tasks", type=int, default=40, help="meta-test tasks")
     a("--eval-steps", type=int, default=3, help="gradient steps at test time (Fig. 4/5: up to 3)")
+    a("--eval-episodes", type=int, default=40, help="trajectories per task and gradient step at test time "
+      "(§5.3: 'up to 4 gradient updates, each with 40 samples')")
+    a("--compare", choices=["pretrained", "random", "oracle"], default=None, help="a comparison policy of "
+      "Fig. 4/5 instead of meta-learning: pretrained (TRPO on all tasks, no inner loop), random (the "
+      "initialization, not trained) or oracle (no inner loop, the task appended to the observation); "
+      "each is fine-tuned at test time by this script's inner loop")
     a("--vector", choices=["sync", "async"], default="sync", help="gymnasium vector env: one process, or one "
       "process per environment (MuJoCo tasks)")
     a("--num-envs", type=int, default=None, help="environments stepped together, a multiple of K "
@@ -117,7 +123,7 @@ def finalize_config(cfg):
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 20)
     for name in ("meta_batch_size", "episodes", "horizon", "iterations", "cg_iters", "ls_steps",
-                 "val_every", "val_tasks", "test_tasks", "num_envs"):
+                 "val_every", "val_tasks", "test_tasks", "num_envs", "eval_episodes"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.num_envs % cfg.episodes:
@@ -150,16 +156,20 @@ def finalize_config(cfg):
 
 
 class Navigation2DVectorEnv(gym.vector.VectorEnv):
-    """§5.3 2D navigation for `num_envs` points at once, in numpy. A point starts at (0, 0) and
-    moves by its action, a velocity clipped to [-0.1, 0.1]²; the reward is minus the distance to
-    the goal; the episode ends when both coordinates are within 0.01 of the goal, or after
-    `horizon` steps. Goals are U[-0.5, 0.5]² (the unit square of §5.3, centred on the start)."""
+    """§5.3 2D navigation for `num_envs` points at once, in numpy. A point starts at (0, 0); the
+    policy acts in [-1, 1]² and the point moves by clip(0.1·a, -0.1, 0.1), as in the authors'
+    code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py wraps point_env_randgoal.py, whose
+    velocity box is [-0.1, 0.1]², in rllab's normalize(), which maps [-1, 1] onto the box and
+    clips). The paper does not say; without the scaling the initial σ = 1 is 10x the box. The
+    reward is minus the distance to the goal (the code's; §5.3's text says squared distance); the
+    episode ends when both coordinates are within 0.01 of the goal, or after `horizon` steps.
+    Goals are U[-0.5, 0.5]² (the unit square of §5.3, centred on the start)."""
 
     def __init__(self, num_envs, horizon=100):
         self.num_envs = num_envs
         self.horizon = horizon
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-        self.single_action_space = gym.spaces.Box(-0.1, 0.1, (2,), np.float32)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.goals = np.zeros((num_envs, 2))
@@ -185,7 +195,7 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
         return self.positions.astype(np.float32), {}
 
     def step(self, actions):
-        self.positions = self.positions + np.clip(actions, -0.1, 0.1)
+        self.positions = self.positions + np.clip(0.1 * actions, -0.1, 0.1)
         self.steps += 1
         offset = self.positions - self.goals
         rewards = -np.sqrt((offset ** 2).sum(1))
@@ -288,6 +298,11 @@ def make_locomotion(name, horizon):
     return wrapper(env)
 
 
+def task_vectors(tasks):
+    """The oracle's extra input: each task's parameters as a vector, (tasks, d)."""
+    return torch.tensor([np.hstack(list(t.values())) for t in tasks], dtype=torch.float32)
+
+
 def task_family(name):
     """The class whose sample_tasks(n, rng) draws this family's tasks."""
     return Navigation2DVectorEnv if name == "navigation2d" else LOCOMOTION[name][1]
@@ -371,10 +386,11 @@ class Episodes:
 
 
 @torch.no_grad()
-def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling"):
+def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling", oracle=False):
     """Alg. 3 lines 5 and 8: `episodes` trajectories of each task with the policy θ (or θ'_i).
     params: (T, ...) on the CPU, one policy per task. Tasks run num_envs // K at a time, their K
-    episodes side by side; the action noise and every reset seed come from `generator`."""
+    episodes side by side; the action noise and every reset seed come from `generator`. The
+    oracle of Fig. 4/5 sees the task (goal, direction or velocity) appended to each observation."""
     from tqdm import tqdm
     T, K = len(tasks), episodes
     per_round = envs.num_envs // K
@@ -393,6 +409,8 @@ def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling"):
         std = p["log_std"].exp().unsqueeze(1)                          # (R, 1, A)
         for t in range(horizon):
             o = torch.from_numpy(np.asarray(obs, dtype=np.float32)).reshape(per_round, K, -1)
+            if oracle:
+                o = torch.cat([o, task_vectors([tasks[i] for i in slots]).unsqueeze(1).expand(-1, K, -1)], -1)
             mean = policy_forward(p, o)[0]                              # (R, K, A)
             action = mean + std * noise[t]
             obs, reward, terminated, truncated, _ = envs.step(action.reshape(envs.num_envs, -1).numpy())
@@ -620,6 +638,11 @@ def trpo_step(params, objective, max_kl, cg_iters, cg_damping, ls_steps, ls_rati
 # The meta-iteration (Alg. 3), given the algorithm's inner loop
 # ---------------------------------------------------------------------------------------------
 
+def no_inner_loop(params, episodes, inner_lr, first_order):
+    """θ'_i = θ: the meta-step without its inner loop is TRPO on all tasks (Fig. 4/5's pretrained)."""
+    return params
+
+
 def cpu_copy(fast):
     """A detached copy on the CPU (a copy even there: TRPO later changes θ in place)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in fast.items()}
@@ -630,14 +653,19 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
     first_order) -> θ'_i is the algorithm's inner loop."""
     T = len(tasks)
     theta = per_task(cpu_copy(params), T)
+    oracle = cfg.compare == "oracle"
     # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
-    train_eps = compute_advantages(sample(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i"),
+    train_eps = compute_advantages(sample(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i", oracle),
                                    cfg.gamma, cfg.gae_lambda).to(device)
-    # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
-    fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
-                       train_eps, cfg.inner_lr, first_order=True)
-    valid_eps = compute_advantages(sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator, "D'_i"),
-                                   cfg.gamma, cfg.gae_lambda).to(device)
+    if inner_adapt is no_inner_loop:
+        # the pretrained and oracle policies of Fig. 4/5: plain TRPO on the pooled batch D_i
+        fast, valid_eps = per_task({k: v.detach() for k, v in params.items()}, T), train_eps
+    else:
+        # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
+        fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
+                           train_eps, cfg.inner_lr, first_order=True)
+        valid_eps = compute_advantages(sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator,
+                                              "D'_i", oracle), cfg.gamma, cfg.gae_lambda).to(device)
     with torch.no_grad():
         old_dist = tuple(d.detach() for d in policy_forward({k: v.detach() for k, v in fast.items()},
                                                             flat_obs(valid_eps)))
@@ -661,14 +689,15 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
 # Evaluation: return per episode before adaptation and after 1..eval_steps steps (Fig. 4/5)
 # ---------------------------------------------------------------------------------------------
 
-def adaptation_returns(params, inner_adapt, envs, tasks, cfg, generator, device, steps):
+def adaptation_returns(params, inner_adapt, envs, tasks, cfg, generator, device, steps, episodes):
     """Mean return per episode of each task after 0..steps gradient steps: (steps+1, tasks).
-    A.2: α for the first step, α/2 for the later ones. Each step samples fresh episodes."""
+    A.2: α for the first step, α/2 for the later ones. Each step samples `episodes` fresh episodes."""
     T = len(tasks)
     fast = per_task({k: v.detach() for k, v in params.items()}, T)
     rows = []
     for step in range(steps + 1):
-        ep = sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator, f"eval step {step}")
+        ep = sample(envs, cpu_copy(fast), tasks, episodes, cfg.horizon, generator, f"eval step {step}",
+                    cfg.compare == "oracle")
         rows.append(ep.returns().mean(1).numpy())
         if step < steps:
             ep = compute_advantages(ep, cfg.gamma, cfg.gae_lambda).to(device)
@@ -682,9 +711,10 @@ def seeded_tasks(cfg, n, seed):
     return task_family(cfg.env).sample_tasks(n, np.random.default_rng(seed))
 
 
-def evaluate(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device):
+def evaluate(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes):
     g = torch.Generator().manual_seed(seed)
-    return adaptation_returns(params, inner_adapt, envs, seeded_tasks(cfg, n_tasks, seed), cfg, g, device, steps)
+    return adaptation_returns(params, inner_adapt, envs, seeded_tasks(cfg, n_tasks, seed), cfg, g, device, steps,
+                              episodes)
 
 
 def format_returns(curve):
@@ -697,12 +727,13 @@ def plot_returns(path, curve, cfg, algorithm):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = [(algorithm.upper(), [mean_ci(r) for r in curve])]
+    def label(config, algorithm):
+        return config.get("compare") or algorithm.upper() + (" (first-order)" if config.get("first_order") else "")
+    curves = [(label(vars(cfg), algorithm), [mean_ci(r) for r in curve])]
     for other in cfg.plot_with or []:
         with open(other) as f:
             run = json.load(f)
-        label = run.get("algorithm", "?").upper() + (" (first-order)" if run["config"].get("first_order") else "")
-        curves.append((label, run["test"]["return_by_step"]))
+        curves.append((label(run["config"], run.get("algorithm", "?")), run["test"]["return_by_step"]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, stats in curves:
         ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o",
@@ -721,7 +752,9 @@ def plot_returns(path, curve, cfg, algorithm):
 # Training and main
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg, state, inner_adapt, algorithm):
+def train(cfg, state, test_adapt, algorithm):
+    # the comparison policies train without an inner loop; all are fine-tuned by the script's at test
+    inner_adapt = no_inner_loop if cfg.compare in ("pretrained", "oracle") else test_adapt
     device = torch.device(cfg.device)
     params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     best = state.get("best", {"params": {k: v.clone() for k, v in state["params"].items()},
@@ -759,12 +792,13 @@ def train(cfg, state, inner_adapt, algorithm):
         done = it + 1
         if done % cfg.val_every == 0 or done == cfg.iterations:
             # A.2 keeps the model with the best return; we measure it on fixed validation tasks
-            val = evaluate(params, inner_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device)
+            val = evaluate(params, test_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device, cfg.episodes)
             line = {"iteration": done, "train_return_before": round(info["return_before"], 3),
                     "train_return_after": round(info["return_after"], 3),
                     "val_return_before": round(float(val[0].mean()), 3),
                     "val_return_after": round(float(val[1].mean()), 3),
-                    "kl": round(info["kl"], 5), "ls_step": info["ls_step"], "elapsed_s": round(time.time() - started, 1)}
+                    "kl": round(info["kl"], 5), "ls_step": info["ls_step"],
+                    "log_std": round(params["log_std"].mean().item(), 4), "elapsed_s": round(time.time() - started, 1)}
             if line["val_return_after"] > best["val_return"]:
                 best = {"params": cpu_copy(params), "val_return": line["val_return_after"], "iteration": done}
             history.append(line)
@@ -777,7 +811,7 @@ def train(cfg, state, inner_adapt, algorithm):
 
 
 SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs"}
-OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks"}
+OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr"}
 
 
 def main(argv, inner_adapt, algorithm, prog):
@@ -804,6 +838,8 @@ def main(argv, inner_adapt, algorithm, prog):
     probe = make_vector_env(cfg.env, cfg.episodes, cfg.horizon, "sync")
     obs_dim, act_dim = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
     probe.close()
+    if cfg.compare == "oracle":
+        obs_dim += task_vectors(task_family(cfg.env).sample_tasks(1, 0)).shape[1]
     if saved:
         state = saved
         if saved["params"]["fc1.w"].shape[0] != obs_dim:
@@ -812,7 +848,7 @@ def main(argv, inner_adapt, algorithm, prog):
         state = {"params": init_policy(obs_dim, act_dim, torch.Generator().manual_seed(cfg.seed)), "iteration": 0}
 
     started = time.time()
-    if not cfg.eval_only:
+    if not cfg.eval_only and cfg.compare != "random":
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
@@ -825,10 +861,12 @@ def main(argv, inner_adapt, algorithm, prog):
         print(f"best model: iteration {best['iteration']}, validation return after one step {best['val_return']:.3f}")
         results["best_iteration"] = best["iteration"]
     params = {k: v.to(device) for k, v in chosen.items()}
-    envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
-    curve = evaluate(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device)
+    # as many tasks side by side as in training, each with its eval_episodes
+    envs = make_vector_env(cfg.env, cfg.num_envs // cfg.episodes * cfg.eval_episodes, cfg.horizon, cfg.vector)
+    curve = evaluate(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device,
+                     cfg.eval_episodes)
     envs.close()
-    print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.episodes} episodes per step, "
+    print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.eval_episodes} episodes per step, "
           f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps (α = {cfg.inner_lr}, then α/2):")
     print("  " + format_returns(curve))
     print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(mean_ci(r) for r in curve)))

@@ -282,8 +282,10 @@ def test_navigation2d_dynamics_clipping_reward_and_termination():
     env.set_attr("task", [{"goal": (0.05, 0.0)}, {"goal": (-0.3, 0.4)}, {"goal": (0.2, 0.2)}])
     obs, _ = env.reset(seed=[1, 2, 3])
     assert np.allclose(obs, 0)
-    obs, r, term, trunc, _ = env.step(np.array([[0.05, 0.0], [-5.0, 5.0], [0.02, -0.01]]))
-    assert np.allclose(obs, [[0.05, 0.0], [-0.1, 0.1], [0.02, -0.01]])          # clipped to ±0.1
+    obs, r, term, trunc, _ = env.step(np.array([[0.5, 0.0], [-5.0, 5.0], [0.2, -0.1]]))
+    assert np.array_equal(obs, np.clip(0.1 * np.array([[0.5, 0.0], [-5.0, 5.0], [0.2, -0.1]]), -0.1, 0.1)
+                          .astype(np.float32))                                  # clip(0.1·a), as maml_rl
+    assert np.allclose(obs, [[0.05, 0.0], [-0.1, 0.1], [0.02, -0.01]])
     assert np.allclose(r, -np.linalg.norm(obs - env.goals, axis=1))
     assert term.tolist() == [True, False, False] and not trunc.any()
     for _ in range(3):
@@ -292,8 +294,8 @@ def test_navigation2d_dynamics_clipping_reward_and_termination():
     # within 0.01 on one coordinate only is not the goal
     env.set_attr("task", {"goal": (0.1, 0.05)})
     env.reset()
-    assert not env.step(np.array([[0.1, 0.0]] * 3))[2].any()
-    assert env.step(np.array([[0.0, 0.045]] * 3))[2].all()
+    assert not env.step(np.array([[1.0, 0.0]] * 3))[2].any()
+    assert env.step(np.array([[0.0, 0.45]] * 3))[2].all()
 
 
 def test_sampler_masks_steps_after_an_episode_ends_and_is_seeded():
@@ -301,7 +303,7 @@ def test_sampler_masks_steps_after_an_episode_ends_and_is_seeded():
     env = rl.Navigation2DVectorEnv(4, horizon=10)
     p = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
     p = {k: torch.zeros_like(v) for k, v in p.items()}
-    p["fc3.b"] = torch.tensor([0.05, 0.0])
+    p["fc3.b"] = torch.tensor([0.5, 0.0])                 # moves by 0.1·a = (0.05, 0)
     p["log_std"] = torch.full((2,), -30.0)
     tasks = [{"goal": (0.05, 0.0)}, {"goal": (0.5, 0.5)}]
     ep = rl.sample(env, maml.per_task(p, 2), tasks, 2, 10, torch.Generator().manual_seed(0))
