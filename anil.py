@@ -30,6 +30,7 @@ Run:    python anil.py                                    (sinusoid regression, 
 
 import argparse
 import json
+from functools import partial
 import os
 import re
 import sys
@@ -122,7 +123,7 @@ class Net:
     layer_names: tuple    # body layers then "head", for the per-layer analyses
     body_with_activations: Callable   # (params, x) -> (features, [each body layer's output])
 
-    def forward(self, params, x):
+    def __call__(self, params, x):
         return self.head(params, self.body(params, x))
 
 
@@ -170,55 +171,25 @@ def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
     return {**params, **head}      # the body entries are θ's own tensors: bit-identical
 
 
-def meta_loss(params, problem, net, batch, cfg):
-    """L_meta(θ) = Σ_b L_Z_b(f_θ'_b) on the query sets (App. A), averaged over the T tasks.
-    The gradient reaches every layer: the body directly through the query features and through
-    the head's update (App. E.2)."""
-    x_s, y_s, x_q, y_q = batch
-    fast = adapt(per_task(params, x_s.shape[0]), net, problem.loss, x_s, y_s,
-                 cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-    out = net.forward(fast, x_q)
-    return problem.loss(out, y_q).mean(), problem.metric(out.detach(), y_q)
+def meta_loss(params, problem, batch, cfg):
+    """L_meta(θ) = Σ_b L_Z_b(f_θ'_b) on the query sets (App. A): maml.meta_loss with ANIL's inner
+    loop. The gradient reaches every layer: the body directly through the query features and
+    through the head's update (App. E.2). problem.forward is the Net, body and head."""
+    return maml.meta_loss(params, problem, batch, cfg, adapt)
 
 
-def meta_step(params, optimizer, problem, net, batch, cfg):
-    """θ ← θ − β ∇θ L_meta(θ) with Adam, every layer (App. A). Refuses a non-finite loss."""
-    loss, metric = meta_loss(params, problem, net, batch, cfg)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), metric.mean().item()
+def meta_step(params, optimizer, problem, batch, cfg):
+    """θ ← θ − β ∇θ L_meta(θ) with Adam, every layer (App. A): maml.meta_step with ANIL's inner loop."""
+    return maml.meta_step(params, optimizer, problem, batch, cfg, adapt)
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: maml.adaptation_curve with the inner step passed in, so that ANIL, MAML and each
-# freezing pattern are measured by one function on the same tasks.
+# Evaluation: maml.adaptation_curve with ANIL's inner loop (the head adapts, the body is reused)
 # ---------------------------------------------------------------------------------------------
 
-def adaptation_curve(params, problem, batches, eval_steps, bn_mode, inner_step):
-    """Per-task metric after 0..eval_steps applications of inner_step(fast, x_s, y_s) -> fast."""
-    rows = [[] for _ in range(eval_steps + 1)]
-    for x_s, y_s, x_q, y_q in batches:
-        fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
-        for step in range(eval_steps + 1):
-            if step > 0:
-                fast = inner_step(fast, x_s, y_s)
-            with torch.no_grad():
-                rows[step].append(problem.metric(predict(fast, problem.forward, x_s, x_q, bn_mode), y_q).cpu())
-    return torch.stack([torch.cat(r) for r in rows]).numpy()
-
-
-def anil_step(net, problem, inner_lr):
-    return lambda fast, x, y: adapt(fast, net, problem.loss, x, y, 1, inner_lr, first_order=True)
-
-
-def evaluate(cfg, problem, net, params, split, tasks, seed):
-    """ANIL's test: the head adapts, the body is reused. seed+2 gives maml.py's test tasks."""
-    batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
-    return adaptation_curve(params, problem, batches, cfg.eval_steps, cfg.bn_mode,
-                            anil_step(net, problem, cfg.inner_lr))
+def evaluate(params, problem, split, tasks, seed, cfg):
+    """ANIL's test: maml.evaluate with the head-only inner loop. seed + 2 gives maml.py's test tasks."""
+    return maml.evaluate(params, problem, split, tasks, seed, cfg, adapt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,14 +205,14 @@ def body_layers(params, net):
     return dict(sorted(layers.items()))
 
 
-def adapt_unfrozen(params, forward, loss_fn, x, y, inner_steps, inner_lr, frozen):
+def adapt_unfrozen(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order, frozen=()):
     """MAML's inner loop (maml.adapt) over every parameter except the frozen ones, which are a
     constant of the forward: the test-time freezing of §3. frozen=() is MAML; freezing the whole
     body is ANIL's test-time inner loop."""
     held = {k: params[k] for k in frozen}
     free = {k: v for k, v in params.items() if k not in held}
     free = maml.adapt(free, lambda p, x_: forward({**held, **p}, x_), loss_fn, x, y,
-                      inner_steps, inner_lr, first_order=True)
+                      inner_steps, inner_lr, first_order)
     return {**held, **free}
 
 
@@ -258,10 +229,8 @@ def freeze_table(cfg, problem, net, params):
         patterns[f"1-{len(layers)} w"] = weights
     rows = {}
     for name, frozen in patterns.items():
-        def step(fast, x, y, frozen=frozen):
-            return adapt_unfrozen(fast, problem.forward, problem.loss, x, y, 1, cfg.inner_lr, frozen)
-        batches = task_batches(problem, "test", cfg.test_tasks, cfg.eval_batch, cfg.seed + 2)
-        rows[name] = adaptation_curve(params, problem, batches, cfg.eval_steps, cfg.bn_mode, step)[-1]
+        rows[name] = maml.evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg,
+                                   partial(adapt_unfrozen, frozen=frozen))[-1]
     print(f"\nFreezing (§3, Table 2): {problem.metric_name} ± 95% CI over {cfg.test_tasks} test tasks, "
           f"{cfg.ways}-way {cfg.shots}-shot, {cfg.eval_steps} inner steps, α = {cfg.inner_lr}; frozen layers "
           f"get no inner-loop update, the head always adapts")
@@ -335,7 +304,7 @@ def similarity(cfg, problem, net, params, splits):
         n = min(cfg.eval_batch, max(1, 2000 // (cfg.ways * query)), cfg.similarity_tasks - done)
         x_s, y_s, x_q, _ = sample(n, g)
         theta = {k: v.detach().requires_grad_() for k, v in per_task(params, n).items()}
-        fast = adapt_unfrozen(theta, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, ())
+        fast = maml.adapt(theta, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, True)
         with torch.no_grad():
             feats, before = net.body_with_activations(theta, x_q)
             before.append(net.head(theta, feats))
@@ -410,6 +379,7 @@ def timing(cfg, image_size=84):
     problem = maml.Problem(params, lambda p, x: maml.conv_forward(p, x, True), maml.cross_entropy_per_task,
                            maml.accuracy_per_task, "acc", None)
     net = make_net(SimpleNamespace(dataset="miniimagenet"), problem)
+    problem.forward = net
     print(f"\nTiming (App. E.6, Table 4): MiniImageNet network, 5-way, task batch 1, 1 target example, "
           f"mean of {cfg.timing_batches} batches, device {cfg.device}, {torch.get_num_threads()} thread(s)")
     for shots in (1, 5):
@@ -422,8 +392,7 @@ def timing(cfg, image_size=84):
         def train(algorithm):
             def run():
                 c = SimpleNamespace(**vars(train_cfg), first_order=algorithm == "FOMAML")
-                loss = (meta_loss(params, problem, net, batch, c) if algorithm == "ANIL"
-                        else maml.meta_loss(params, problem, batch, c))[0]
+                loss = maml.meta_loss(params, problem, batch, c, adapt if algorithm == "ANIL" else maml.adapt)[0]
                 loss.backward()
                 _sync(device)
             return run
@@ -455,60 +424,6 @@ def timing(cfg, image_size=84):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: maml.train's loop, with ANIL's meta-step
-# ---------------------------------------------------------------------------------------------
-
-def train(cfg, problem, net, state):
-    device = torch.device(cfg.device)
-    params = {k: v.to(device).requires_grad_() for k, v in state["params"].items()}
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
-    task_gen = torch.Generator()
-    task_gen.manual_seed(cfg.seed)
-    if "optimizer" in state:  # resuming
-        optimizer.load_state_dict(state["optimizer"])
-        task_gen.set_state(state["rng"]["tasks"])
-    history = state.get("history", [])
-    running = state.get("running")
-
-    def checkpoint(iteration):
-        return {"algorithm": "anil", "params": {k: v.detach().cpu() for k, v in params.items()},
-                "optimizer": optimizer.state_dict(), "config": vars(cfg), "iteration": iteration,
-                "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
-
-    from tqdm import tqdm
-    start = state["iteration"]
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ANIL meta-train",
-               dynamic_ncols=True, mininterval=0.5)
-    started = time.time()
-    for it in bar:
-        batch = problem.sample("train", cfg.meta_batch_size, task_gen)
-        try:
-            loss, metric = meta_step(params, optimizer, problem, net, batch, cfg)
-        except NonFiniteLoss as e:
-            bar.close()
-            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
-            raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
-                             f"--inner-lr or --outer-lr){kept}") from None
-        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
-                                                          0.98 * running[1] + 0.02 * metric)
-        bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
-        done = it + 1
-        if done % cfg.val_every == 0 or done == cfg.iterations:
-            line = {"iteration": done, "train_loss": round(running[0], 5),
-                    f"train_{problem.metric_name}": round(running[1], 5)}
-            if problem.has_val:
-                curve = evaluate(cfg, problem, net, params, "val", cfg.val_tasks, cfg.seed + 1)
-                line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
-            line["elapsed_s"] = round(time.time() - started, 1)
-            history.append(line)
-            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
-            if cfg.save:
-                maml.save_checkpoint(cfg.save, checkpoint(done))
-    bar.close()
-    return checkpoint(cfg.iterations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +470,7 @@ def setup(cfg, saved):
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
     net = make_net(cfg, problem)
+    problem.forward = net          # the same network, split into body and head for ANIL's inner loop
     if saved:
         if set(saved["params"]) != set(problem.params) or any(
                 saved["params"][k].shape != problem.params[k].shape for k in problem.params):
@@ -604,12 +520,12 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = train(cfg, problem, net, state)
+            state = maml.train(cfg, problem, state, adapt, "anil")
     results = {"config": vars(cfg), "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(device) for k, v in state["params"].items()}
 
-    curve = evaluate(cfg, problem, net, params, "test", cfg.test_tasks, cfg.seed + 2)
+    curve = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg)
     name = problem.metric_name
     task = (f"K = {cfg.shots} points" if cfg.dataset == "sinusoid"
             else f"{cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")

@@ -357,9 +357,10 @@ def adapt(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order):
     return fast
 
 
-def meta_loss(params, problem, batch, cfg):
+def meta_loss(params, problem, batch, cfg, adapt=adapt):
     """Σ_i L_Ti(f_θ'_i) on the query sets D'_i (Alg. 2 line 10), averaged over the T tasks as
-    the reference code does. Returns the loss and the per-task query metric."""
+    the reference code does. Returns the loss and the per-task query metric. anil.py passes
+    its own inner loop as `adapt`; everything else is shared."""
     x_s, y_s, x_q, y_q = batch
     fast = adapt(per_task(params, x_s.shape[0]), problem.forward, problem.loss, x_s, y_s,
                  cfg.inner_steps, cfg.inner_lr, cfg.first_order)
@@ -371,7 +372,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def meta_step(params, optimizer, problem, batch, cfg):
+def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. The meta-batch is processed
     `task_chunk` tasks at a time, each chunk's graph freed by its own backward pass; the
     accumulated gradient is the same for any chunk size. A non-finite loss is refused before
@@ -382,7 +383,7 @@ def meta_step(params, optimizer, problem, batch, cfg):
     total, metrics = 0.0, []
     for start in range(0, tasks, chunk):
         part = tuple(b[start:start + chunk] for b in batch)
-        loss, metric = meta_loss(params, problem, part, cfg)
+        loss, metric = meta_loss(params, problem, part, cfg, adapt)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
         weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
@@ -412,7 +413,7 @@ def predict(fast, forward, x_s, x_q, bn_mode):
     return out.reshape(T, M, *out.shape[1:])
 
 
-def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive"):
+def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive", adapt=adapt):
     """Per-task metric after 0, 1, ..., eval_steps inner steps: a (steps+1, tasks) array."""
     rows = [[] for _ in range(eval_steps + 1)]
     for x_s, y_s, x_q, y_q in batches:
@@ -655,20 +656,22 @@ def load_splits(cfg):
     return splits
 
 
-def evaluate(cfg, problem, params, split, tasks, seed):
+def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
+    """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
     batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
-    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode)
+    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
 
 
-def train(cfg, problem, state):
-    """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it)."""
+def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
+    """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
+    and nil.py train with this loop and ANIL's inner loop as `adapt`."""
     device = torch.device(cfg.device)
     params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     task_gen = torch.Generator()
     task_gen.manual_seed(cfg.seed)
     baseline = None
-    if cfg.dataset == "sinusoid" and not cfg.no_baseline:
+    if "baseline_params" in state:
         b_params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["baseline_params"].items()}
         b_optimizer = torch.optim.Adam(b_params.values(), lr=cfg.outer_lr)
         b_gen = torch.Generator()
@@ -684,7 +687,7 @@ def train(cfg, problem, state):
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
     def checkpoint(iteration):
-        out = {"params": {k: v.detach().cpu() for k, v in params.items()},
+        out = {"algorithm": algorithm, "params": {k: v.detach().cpu() for k, v in params.items()},
                "optimizer": optimizer.state_dict(), "config": vars(cfg), "iteration": iteration,
                "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
         if baseline:
@@ -695,14 +698,14 @@ def train(cfg, problem, state):
 
     from tqdm import tqdm
     start = state["iteration"]
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="meta-train",
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{algorithm} meta-train",
                dynamic_ncols=True, mininterval=0.5)
     started = time.time()
     for it in bar:
         # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
         batch = problem.sample("train", cfg.meta_batch_size, task_gen)
         try:
-            loss, metric = meta_step(params, optimizer, problem, batch, cfg)
+            loss, metric = meta_step(params, optimizer, problem, batch, cfg, adapt)
             if baseline:
                 pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
         except NonFiniteLoss as e:
@@ -715,7 +718,7 @@ def train(cfg, problem, state):
         bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
         done = it + 1
         if done % cfg.val_every == 0 or done == cfg.iterations:
-            curve = evaluate(cfg, problem, params, "val", cfg.val_tasks, cfg.seed + 1) if problem.has_val else None
+            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, adapt) if problem.has_val else None
             line = {"iteration": done, "train_loss": round(running[0], 5),
                     f"train_{problem.metric_name}": round(running[1], 5)}
             if curve is not None:
@@ -806,7 +809,7 @@ def main(argv=None):
             plot_sinusoid("maml_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, params,
                           pretrained, table[5].get("pretrained_lr"))
     else:
-        curve = evaluate(cfg, problem, params, "test", cfg.test_tasks, cfg.seed + 2)
+        curve = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg)
         print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, "
               f"{cfg.bn_mode} BatchNorm, accuracy ± 95% CI after k steps (α = {cfg.inner_lr}):")
         print("  " + format_curve(curve))

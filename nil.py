@@ -4,7 +4,7 @@ Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Unders
 Effectiveness of MAML", ICLR 2020, §5 and Appendix F. Training is anil.py's (imported); only the
 test-time classifier is new:
 
-    §5 step 1          train with ANIL (anil.train), or load an anil.py / maml.py checkpoint  main()
+    §5 step 1          train with ANIL (maml.train, anil.adapt), or load an anil.py / maml.py checkpoint  main()
     §5 step 2          drop the head; embed support and query sets with the body         nil_predict()
     §5 step 2, [30]    ŷ = Σ_i softmax_i(cos(f(x̂), f(x_i))) y_i  (matching networks)     cosine_classify()
     Table 1 (bottom)   NIL accuracy next to the head's (ANIL or MAML) on the same tasks  main()
@@ -107,14 +107,9 @@ def nil_accuracy(params, problem, net, batches, ways, bn_mode):
 
 def head_accuracy(cfg, problem, net, params, algorithm, seed):
     """The same tasks classified by the trained head after the checkpoint's own test-time inner
-    loop: ANIL adapts the head only, MAML every layer (anil.adapt_unfrozen with nothing frozen)."""
-    batches = task_batches(problem, "test", cfg.test_tasks, cfg.eval_batch, seed)
-    if algorithm == "anil":
-        step = anil.anil_step(net, problem, cfg.inner_lr)
-    else:
-        def step(fast, x, y):
-            return anil.adapt_unfrozen(fast, problem.forward, problem.loss, x, y, 1, cfg.inner_lr, ())
-    return anil.adaptation_curve(params, problem, batches, cfg.eval_steps, cfg.bn_mode, step)[-1]
+    loop: ANIL adapts the head only, MAML every layer (maml.adapt)."""
+    return maml.evaluate(params, problem, "test", cfg.test_tasks, seed, cfg,
+                         anil.adapt if algorithm == "anil" else maml.adapt)[-1]
 
 
 def test_tasks(cfg, problem):
@@ -145,7 +140,7 @@ def multiclass_pretrain(cfg, init, net, split, generator):
     for _ in tqdm(range(cfg.pretrain_iterations), desc="multiclass pretraining", dynamic_ncols=True, mininterval=1):
         idx = torch.randint(len(labels), (cfg.pretrain_batch,), generator=generator)
         x = images[idx].float().div_(255.0).unsqueeze(0)                           # (1, B, C, H, W)
-        loss = F.cross_entropy(net.forward(per_task(params, 1), x)[0], labels[idx].to(device))
+        loss = F.cross_entropy(net(per_task(params, 1), x)[0], labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -175,7 +170,7 @@ def train_head(cfg, problem, net, body, generator):
     optimizer = torch.optim.Adam(head.values(), lr=cfg.outer_lr)
     frozen = {k: v.to(device) for k, v in body.items() if k not in net.head_keys}
     for _ in tqdm(range(cfg.head_iterations), desc="MAML head on a frozen body", dynamic_ncols=True, mininterval=1):
-        anil.meta_step(frozen | head, optimizer, problem, net, problem.sample("train", cfg.meta_batch_size, generator), cfg)
+        anil.meta_step(frozen | head, optimizer, problem, problem.sample("train", cfg.meta_batch_size, generator), cfg)
     return frozen | {k: v.detach() for k, v in head.items()}
 
 
@@ -240,8 +235,7 @@ def main(argv=None):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     splits, problem, net, state = anil.setup(cfg, saved)
-    # the seed's initialization, before training (which updates problem.params in place on the CPU)
-    init = {k: v.detach().clone() for k, v in problem.params.items()}
+    init = problem.params          # the seed's initialization (training works on a copy)
     device = torch.device(cfg.device)
     algorithm = saved.get("algorithm", "maml") if saved else "anil"
     started = time.time()
@@ -252,7 +246,7 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = anil.train(cfg, problem, net, state)
+            state = maml.train(cfg, problem, state, anil.adapt, "anil")
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(device) for k, v in state["params"].items()}

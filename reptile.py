@@ -418,7 +418,7 @@ def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
     return {mode: torch.stack([torch.cat(r) for r in rs]).numpy() for mode, rs in rows.items()}
 
 
-def evaluate(cfg, problem, params, state, split, tasks, seed, bn_modes):
+def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
     batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
     return adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed + 1000)
 
@@ -581,7 +581,7 @@ def train(cfg, problem, sample_train, state):
             line = {"iteration": done, "train_loss": round(running[0], 5),
                     f"train_{problem.metric_name}": round(running[1], 5)}
             if problem.has_val:
-                curve = evaluate(cfg, problem, params, inner_state, "val", cfg.val_tasks, cfg.seed + 1,
+                curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, inner_state,
                                  ["transductive"])["transductive"]
                 line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
             line["elapsed_s"] = round(time.time() - started, 1)
@@ -657,8 +657,8 @@ def main(argv=None):
               f"K = {cfg.shots} points, after k SGD steps")
         results["test"] = {}
         for name, (p, lr) in models.items():
-            curve = evaluate(argparse.Namespace(**{**vars(cfg), "inner_lr": lr}), problem, p, None, "test",
-                             cfg.test_tasks, cfg.seed + 2, ["transductive"])["transductive"]
+            curve = evaluate(p, problem, "test", cfg.test_tasks, cfg.seed + 2,
+                             argparse.Namespace(**{**vars(cfg), "inner_lr": lr}), None, ["transductive"])["transductive"]
             steps = curve_steps(cfg.eval_steps)
             print(f"  {name + f' α={lr}':<18} " + format_curve(curve, steps))
             results["test"][name] = {"inner_lr": lr, "steps": steps, "mse_by_step": [mean_ci(r) for r in curve]}
@@ -668,7 +668,7 @@ def main(argv=None):
             plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)
     else:
         modes = ["transductive", "nontransductive"] if cfg.bn_mode == "both" else [cfg.bn_mode]
-        curves = evaluate(cfg, problem, params, inner_state, "test", cfg.test_tasks, cfg.seed + 2, modes)
+        curves = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg, inner_state, modes)
         print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, {cfg.eval_steps} "
               f"inner steps ({cfg.inner_optimizer}, α = {cfg.inner_lr}, batch {cfg.eval_inner_batch}), "
               f"accuracy ± 95% CI after k steps:")

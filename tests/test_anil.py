@@ -2,6 +2,7 @@
 against finite differences, CCA/CKA on known cases, the freezing experiment against maml.py, and
 every CLI path on the tiny fixtures."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def scalar_net():
 
 
 def scalar_problem():
-    return maml.Problem(None, None, maml.mse_per_task, maml.mse_per_task, "mse", None)
+    return maml.Problem(None, scalar_net(), maml.mse_per_task, maml.mse_per_task, "mse", None)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -52,7 +53,7 @@ def test_outer_gradient_matches_closed_form_eqs_9_10(first_order, inner_lr):
     t1, t2 = torch.tensor([0.7], dtype=dt), torch.tensor([-1.3], dtype=dt)
     params = {"w1": t1.clone().requires_grad_(), "w2": t2.clone().requires_grad_()}
     cfg = SimpleNamespace(inner_steps=1, inner_lr=inner_lr, first_order=first_order)
-    loss, _ = anil.meta_loss(params, scalar_problem(), scalar_net(), (x1, y1, x2, y2), cfg)
+    loss, _ = anil.meta_loss(params, scalar_problem(), (x1, y1, x2, y2), cfg)
     g1, g2 = torch.autograd.grad(loss, [params["w1"], params["w2"]])
 
     a, b = t1.item(), t2.item()
@@ -80,7 +81,7 @@ def test_first_order_drops_exactly_the_head_path_to_the_body():
         params = {"w1": torch.tensor([0.5], dtype=dt, requires_grad=True),
                   "w2": torch.tensor([2.0], dtype=dt, requires_grad=True)}
         cfg = SimpleNamespace(inner_steps=2, inner_lr=0.1, first_order=fo)
-        loss, _ = anil.meta_loss(params, scalar_problem(), scalar_net(), batch, cfg)
+        loss, _ = anil.meta_loss(params, scalar_problem(), batch, cfg)
         grads[fo] = torch.autograd.grad(loss, [params["w1"]])[0]
     assert not torch.allclose(grads[False], grads[True])
 
@@ -105,7 +106,7 @@ def conv_setup(max_pool, ways=3, size=28, hidden=8, tasks=2, dtype=torch.float64
 def test_body_then_head_is_maml_forward(max_pool, size):
     params, problem, net, x, _ = conv_setup(max_pool, size=size)
     p = maml.per_task(params, x.shape[0])
-    torch.testing.assert_close(net.forward(p, x), problem.forward(p, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net(p, x), problem.forward(p, x), rtol=1e-12, atol=1e-12)
     feats, acts = net.body_with_activations(p, x)
     assert len(acts) == 4 and acts[-1].shape[:3] == (x.shape[0], x.shape[1], 8)
     mlp = maml.Problem(maml.init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(0)), maml.mlp_forward,
@@ -113,7 +114,7 @@ def test_body_then_head_is_maml_forward(max_pool, size):
     mnet = anil.make_net(SimpleNamespace(dataset="sinusoid"), mlp)
     xs = torch.randn(3, 5, 1)
     p = maml.per_task(mlp.params, 3)
-    torch.testing.assert_close(mnet.forward(p, xs), maml.mlp_forward(p, xs))
+    torch.testing.assert_close(mnet(p, xs), maml.mlp_forward(p, xs))
     assert mnet.head_keys == ("fc3.w", "fc3.b")
 
 
@@ -135,7 +136,7 @@ def test_adapt_equals_maml_inner_loop_with_the_body_frozen():
     theta = {k: v.clone().requires_grad_() for k, v in maml.per_task(params, x.shape[0]).items()}
     body = [k for k in theta if k not in net.head_keys]
     a = anil.adapt(theta, net, problem.loss, x, y, 2, 0.1, first_order=True)
-    b = anil.adapt_unfrozen(theta, problem.forward, problem.loss, x, y, 2, 0.1, body)
+    b = anil.adapt_unfrozen(theta, problem.forward, problem.loss, x, y, 2, 0.1, True, body)
     for k in theta:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
 
@@ -145,16 +146,16 @@ def test_meta_gradient_matches_finite_differences():
     dt = torch.float64
     params = {k: v.to(dt) for k, v in maml.init_mlp([1, 4, 4, 1], torch.Generator().manual_seed(0)).items()}
     problem = maml.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
-    net = anil.make_net(SimpleNamespace(dataset="sinusoid"), problem)
+    problem.forward = anil.make_net(SimpleNamespace(dataset="sinusoid"), problem)
     import data
     b = data.sinusoid_tasks(3, 5, 7, torch.Generator().manual_seed(0))
     batch = tuple(b[k].to(dt) for k in ("x_support", "y_support", "x_query", "y_query"))
     cfg = SimpleNamespace(inner_steps=2, inner_lr=0.05, first_order=False)
 
     def loss_at(p):
-        return anil.meta_loss({k: v.clone().requires_grad_() for k, v in p.items()}, problem, net, batch, cfg)[0]
+        return anil.meta_loss({k: v.clone().requires_grad_() for k, v in p.items()}, problem, batch, cfg)[0]
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    loss, _ = anil.meta_loss(leaves, problem, net, batch, cfg)
+    loss, _ = anil.meta_loss(leaves, problem, batch, cfg)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     eps = 1e-6
     for name, p in params.items():
@@ -249,7 +250,7 @@ def test_freezing_nothing_is_maml_and_freezing_the_body_is_anil():
                           ways=3, shots=1)
     batches = maml.task_batches(problem, "test", 6, 4, 2)
     reference = maml.adaptation_curve(params, problem, batches, 0.4, 2)[-1]
-    anil_curve = anil.evaluate(cfg, problem, net, params, "test", 6, 2)[-1]
+    anil_curve = anil.evaluate(params, dataclasses.replace(problem, forward=net), "test", 6, 2, cfg)[-1]
     table = anil.freeze_table(cfg, problem, net, params)
     assert list(table)[:5] == ["none", "1", "1-2", "1-3", "1-4"] and list(table)[5] == "1-4 w"
     assert table["none"][0] == pytest.approx(reference.mean()) and table["1-4"][0] == pytest.approx(anil_curve.mean())
@@ -365,15 +366,29 @@ def test_same_seed_same_numbers_and_resume_continues_identically(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = anil.meta_loss
+    original = maml.meta_loss
 
     def poisoned(*args):
         calls["n"] += 1
         loss, metric = original(*args)
         return (loss * float("nan") if calls["n"] > 5 else loss), metric
-    monkeypatch.setattr(anil, "meta_loss", poisoned)
+    monkeypatch.setattr(maml, "meta_loss", poisoned)
     ckpt = tmp_path / "c.pt"
     with pytest.raises(SystemExit, match=r"meta-loss is nan at iteration 6.*last good checkpoint"):
         anil.main(quick("--save", ckpt, "--val-every", "2"))
     state = torch.load(ckpt)
     assert state["iteration"] == 4 and all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_anil_training_leaves_the_initial_params_untouched():
+    """anil.py trains with maml.train, which works on a copy: the seed's initialization (nil.py's
+    random body of Table 5) must survive training unchanged."""
+    cfg = maml.finalize_config(maml.build_parser().parse_args(
+        ["--iterations", "2", "--meta-batch-size", "2", "--val-tasks", "2", "--no-baseline", "--device", "cpu"]))
+    problem = maml.make_problem(cfg, torch.device("cpu"))
+    problem.forward = anil.make_net(cfg, problem)
+    init = {k: v.clone() for k, v in problem.params.items()}
+    state = maml.train(cfg, problem, {"params": problem.params, "iteration": 0}, anil.adapt, "anil")
+    assert all(torch.equal(init[k], problem.params[k]) for k in init)
+    assert any(not torch.equal(init[k], state["params"][k]) for k in init)
+    assert state["algorithm"] == "anil"
