@@ -501,8 +501,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     maml.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
-        import rl
-        return rl.main(argv, adapt_policy, "anil", "anil.py")
+        return maml.main_rl(argv, adapt_policy, "anil", "anil.py")
     cfg, saved = parse(build_parser(), argv)
     if cfg.timing:
         print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))

@@ -749,12 +749,28 @@ def adapt_policy(params, episodes, inner_lr, first_order):
                  1, inner_lr, first_order)
 
 
+def main_rl(argv, adapt_policy, algorithm, prog):
+    """`--env NAME`: rl.py's command line, merged with a checkpoint as the supervised one is."""
+    import rl
+    parser = rl.build_parser(prog, algorithm)
+    args = parser.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    source = args.resume or args.load
+    saved = load_checkpoint(source) if source else None
+    if saved:
+        rl.check_checkpoint(saved, source, args.env, algorithm, args.resume)
+        args = merge_checkpoint_config(args, saved["config"], given, rl.SESSION_FLAGS, rl.OVERRIDABLE_FLAGS)
+    check_session_flags(args)
+    cfg = rl.finalize_config(args)
+    seed_everything(cfg.seed)
+    return rl.run(cfg, saved, adapt_policy, algorithm)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
-        import rl
-        return rl.main(argv, adapt_policy, "maml", "maml.py")
+        return main_rl(argv, adapt_policy, "maml", "maml.py")
     parser = build_parser()
     args = parser.parse_args(argv)
     # Flags whose value differs from the default count as given (for --resume / --load).

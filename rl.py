@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -40,8 +41,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import maml
-from maml import mean_ci, per_task
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers of its own, so that this plumbing imports no algorithm file (maml.py has twins)
+# ---------------------------------------------------------------------------------------------
+
+def per_task(params, tasks):
+    """θ seen by each of T tasks: (T, *shape) views, whose gradients flow back into θ."""
+    return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+
+
+def mean_ci(values):
+    """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def save_checkpoint(path, state):
+    """Atomic: written to a temporary file beside `path`, then renamed over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 # ---------------------------------------------------------------------------------------------
 # Config: MAML §5.3 and A.2, with the reference PyTorch implementation's TRPO settings
@@ -62,7 +91,7 @@ ENV_SETTINGS = {
 
 def build_parser(prog, algorithm):
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=maml.HelpFormatter, allow_abbrev=False,
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description=f"Meta-RL with {algorithm.upper()} (MAML Algorithm 3, §5.3, A.2): REINFORCE in "
                     "the inner loop, TRPO as the meta-optimizer. Flags left unset take the paper's value.")
     a = p.add_argument
@@ -114,7 +143,6 @@ def build_parser(prog, algorithm):
 
 def finalize_config(cfg):
     """Fill unset flags with the env's paper settings and reject impossible combinations."""
-    maml.check_session_flags(cfg)
     for k, v in ENV_SETTINGS[cfg.env].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -322,7 +350,12 @@ def make_vector_env(name, num_envs, horizon, vector="sync"):
 # ---------------------------------------------------------------------------------------------
 
 def init_policy(obs_dim, act_dim, generator, hidden=(100, 100)):
-    params = maml.init_mlp([obs_dim, *hidden, act_dim], generator)
+    params = {}
+    sizes = [obs_dim, *hidden, act_dim]
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):   # nn.Linear's init
+        bound = 1.0 / math.sqrt(n_in)
+        params[f"fc{i}.w"] = (torch.rand(n_in, n_out, generator=generator) * 2 - 1) * bound
+        params[f"fc{i}.b"] = (torch.rand(n_out, generator=generator) * 2 - 1) * bound
     params["log_std"] = torch.zeros(act_dim)      # σ = 1 at the start, as rllab's GaussianMLPPolicy
     return params
 
@@ -804,7 +837,7 @@ def train(cfg, state, test_adapt, algorithm):
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
-                maml.save_checkpoint(cfg.save, checkpoint(done))
+                save_checkpoint(cfg.save, checkpoint(done))
     bar.close()
     envs.close()
     return checkpoint(cfg.iterations)
@@ -814,27 +847,23 @@ SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot",
 OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr"}
 
 
-def main(argv, inner_adapt, algorithm, prog):
-    """The meta-RL entry point of maml.py and anil.py (`--env NAME`)."""
-    parser = build_parser(prog, algorithm)
-    args = parser.parse_args(argv)
-    defaults = vars(parser.parse_args(["--env", args.env]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
-    source = args.resume or args.load
-    saved = maml.load_checkpoint(source) if source else None
-    if saved:
-        kind = saved.get("algorithm", "maml")
-        if not saved["config"].get("env"):
-            raise SystemExit(f"error: {source} is a supervised checkpoint, not a meta-RL one")
-        if saved["config"]["env"] != args.env:
-            raise SystemExit(f"error: {source} was trained on {saved['config']['env']}, not {args.env}")
-        if args.resume and kind != algorithm:
-            raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
-        args = maml.merge_checkpoint_config(args, saved["config"], given, SESSION_FLAGS, OVERRIDABLE_FLAGS)
-    cfg = finalize_config(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    maml.seed_everything(cfg.seed)
+def check_checkpoint(saved, source, env, algorithm, resume):
+    """Refuse a checkpoint of another kind, naming the right command."""
+    kind = saved.get("algorithm", "maml")
+    if not saved["config"].get("env"):
+        raise SystemExit(f"error: {source} is a supervised checkpoint, not a meta-RL one")
+    if saved["config"]["env"] != env:
+        raise SystemExit(f"error: {source} was trained on {saved['config']['env']}, not {env}")
+    if resume and kind != algorithm:
+        raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
+
+
+def run(cfg, saved, inner_adapt, algorithm):
+    """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
+    checkpoint (or None) and the algorithm's inner loop."""
+    source = cfg.resume or cfg.load
     device = torch.device(cfg.device)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     probe = make_vector_env(cfg.env, cfg.episodes, cfg.horizon, "sync")
     obs_dim, act_dim = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
     probe.close()

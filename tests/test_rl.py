@@ -491,3 +491,11 @@ def test_plot_draws_the_other_runs_curves(tmp_path):
         anil.main(["--env", "halfcheetah-dir", "--iterations", "1", "--meta-batch-size", "1", "--episodes", "1",
                    "--horizon", "3", "--test-tasks", "1", "--val-tasks", "1", "--eval-steps", "0",
                    "--plot", str(tmp_path / "x.png"), "--plot-with", str(tmp_path / "maml.json")])
+
+
+@pytest.mark.parametrize("plumbing", ["rl.py", "data.py"])
+def test_the_plumbing_imports_no_algorithm_file(plumbing):
+    """No import cycle: the algorithm files import rl.py and data.py, never the reverse."""
+    import re
+    source = (ROOT / plumbing).read_text()
+    assert not re.search(r"^\s*(import|from)\s+(maml|anil|nil|reptile)\b", source, re.M)
