@@ -301,7 +301,7 @@ def similarity(cfg, problem, net, params, splits):
     done = 0
     while done < cfg.similarity_tasks:
         # at most about 2000 probe images at once: conv1's activations of 20-way tasks are large
-        n = min(cfg.eval_batch, max(1, 2000 // (cfg.ways * query)), cfg.similarity_tasks - done)
+        n = min(cfg.eval_chunk, max(1, 2000 // (cfg.ways * query)), cfg.similarity_tasks - done)
         x_s, y_s, x_q, _ = sample(n, g)
         theta = {k: v.detach().requires_grad_() for k, v in per_task(params, n).items()}
         fast = maml.adapt(theta, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, True)

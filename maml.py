@@ -56,19 +56,19 @@ import data
 PAPER_SETTINGS = {
     # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
     "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
-                     meta_batch_size=25, outer_lr=1e-3, iterations=70000, task_chunk=25, eval_batch=100),
+                     meta_batch_size=25, outer_lr=1e-3, iterations=70000, task_chunk=25, eval_chunk=100),
     # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, evaluated with 3 steps; 60k iterations.
     # The reference code uses K query examples per class (D'_i as large as D_i).
     "omniglot-5way": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch_size=32,
-                          outer_lr=1e-3, iterations=60000, task_chunk=32, eval_batch=50),
+                          outer_lr=1e-3, iterations=60000, task_chunk=32, eval_chunk=50),
     # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
     "omniglot-20way": dict(inner_lr=0.1, inner_steps=5, eval_steps=5, meta_batch_size=16,
-                           outer_lr=1e-3, iterations=60000, task_chunk=4, eval_batch=10),
+                           outer_lr=1e-3, iterations=60000, task_chunk=4, eval_chunk=10),
     # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot)
     "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
-                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_batch=1),
+                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_chunk=1),
 }
-# task_chunk and eval_batch change speed and memory only, not the result: how many tasks run as
+# task_chunk and eval_chunk change speed and memory only, not the result: how many tasks run as
 # one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
 # at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
 # 75 BatchNorm groups per task.
@@ -130,7 +130,7 @@ def build_parser():
     a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
     a("--task-chunk", type=int, default=None, help="tasks of a meta-batch adapted together as one batched "
       "computation (speed and memory only; the meta-gradient is the same)")
-    a("--eval-batch", type=int, default=None, help="tasks adapted together during evaluation (speed and memory only)")
+    a("--eval-chunk", type=int, default=None, help="tasks adapted together during evaluation (speed and memory only)")
     a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
       help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
       "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
@@ -159,15 +159,15 @@ def finalize_config(cfg):
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
         cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
+    if cfg.dataset == "sinusoid" and cfg.iterations is None and not cfg.full:
+        cfg.iterations = QUICK_SINUSOID_ITERATIONS      # an explicit --iterations always wins
     for k, v in paper_settings(cfg.dataset, cfg.ways, cfg.shots).items():
         if getattr(cfg, k, None) is None:
             setattr(cfg, k, v)
-    if cfg.dataset == "sinusoid" and cfg.iterations == PAPER_SETTINGS["sinusoid"]["iterations"] and not cfg.full:
-        cfg.iterations = QUICK_SINUSOID_ITERATIONS
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 10)
     for name in ("ways", "shots", "query", "inner_steps", "meta_batch_size", "iterations",
-                 "val_tasks", "test_tasks", "eval_batch", "val_every", "task_chunk"):
+                 "val_tasks", "test_tasks", "eval_chunk", "val_every", "task_chunk"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.eval_steps < 0:
@@ -480,7 +480,7 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
     results = {}
     for K in SINUSOID_EVAL_SHOTS:
         def tasks(split, n, seed):
-            return task_batches(problem, split, n, cfg.eval_batch, seed, shots=K, query=SINUSOID_EVAL_POINTS)
+            return task_batches(problem, split, n, cfg.eval_chunk, seed, shots=K, query=SINUSOID_EVAL_POINTS)
         entry = {"maml": adaptation_curve(maml_params, problem, tasks("test", cfg.test_tasks, cfg.seed + 2),
                                           cfg.inner_lr, cfg.eval_steps)}
         if pretrained_params is not None:
@@ -596,7 +596,7 @@ def load_checkpoint(path):
 # Flags about this invocation, always taken from the command line.
 SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot"}
 # Flags that do not change what training computes: the checkpoint's value unless given again.
-OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_batch", "bn_mode", "test_dir", "data_dir",
+OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
                      "eval_steps", "val_tasks"}
 
 
@@ -658,7 +658,7 @@ def load_splits(cfg):
 
 def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
     """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
-    batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
+    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
     return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
 
 

@@ -113,7 +113,7 @@ def head_accuracy(cfg, problem, net, params, algorithm, seed):
 
 
 def test_tasks(cfg, problem):
-    return task_batches(problem, "test", cfg.test_tasks, cfg.eval_batch, cfg.seed + 2)
+    return task_batches(problem, "test", cfg.test_tasks, cfg.eval_chunk, cfg.seed + 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def build_parser():
     a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
     a("--val-tasks", type=int, default=100, help="validation tasks per validation")
     a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600 in MAML; we report mean ± 95%% CI)")
-    a("--eval-batch", type=int, default=10, help="test tasks adapted at once (speed and memory only)")
+    a("--eval-chunk", type=int, default=10, help="test tasks adapted at once (speed and memory only)")
     a("--bn-mode", choices=["transductive", "nontransductive", "both"], default="both",
       help="BatchNorm statistics at test time (§6.1): the whole query batch (transductive), the "
       "support set plus one query (nontransductive), or report both; validation uses transductive")
@@ -204,7 +204,7 @@ def finalize_config(cfg):
         cfg.val_every = max(1, cfg.iterations // 10)
     for name in ("ways", "shots", "query", "train_shots", "tail_shots", "inner_batch", "inner_steps",
                  "eval_inner_batch", "meta_batch_size", "iterations", "val_tasks", "test_tasks",
-                 "eval_batch", "val_every", "maml_iterations"):
+                 "eval_chunk", "val_every", "maml_iterations"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.eval_steps < 0:
@@ -400,7 +400,7 @@ def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
     rows = {mode: [[] for _ in steps[mode]] for mode in bn_modes}
     for x_s, y_s, x_q, y_q in batches:
         T = x_s.shape[0]
-        # drawn task by task, so that the order does not depend on --eval-batch
+        # drawn task by task, so that the order does not depend on --eval-chunk
         per_task_schedules = [minibatch_schedule(1, x_s.shape[1], 0, cfg.eval_inner_batch, cfg.eval_steps,
                                                  "shared", False, g) for _ in range(T)]
         schedule = [torch.cat(parts) for parts in zip(*per_task_schedules)]
@@ -419,7 +419,7 @@ def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
 
 
 def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
-    batches = task_batches(problem, split, tasks, cfg.eval_batch, seed)
+    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
     return adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed + 1000)
 
 
@@ -505,7 +505,7 @@ def plot_curve(path, curves, cfg):
 # model serves 1-shot and 5-shot tests (App. A uses the same training for both). --iterations is
 # not one of them: ε is annealed to 0 over it.
 RUNTIME_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "maml_iterations",
-                 "test_tasks", "eval_batch", "bn_mode", "test_dir", "data_dir", "eval_steps",
+                 "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir", "eval_steps",
                  "eval_inner_batch", "val_tasks", "query", "shots"}
 
 

@@ -246,7 +246,7 @@ def image_problem(max_pool=False, ways=3):
 
 def test_freezing_nothing_is_maml_and_freezing_the_body_is_anil():
     params, problem, net = image_problem()
-    cfg = SimpleNamespace(inner_lr=0.4, eval_steps=2, test_tasks=6, eval_batch=4, seed=0, bn_mode="transductive",
+    cfg = SimpleNamespace(inner_lr=0.4, eval_steps=2, test_tasks=6, eval_chunk=4, seed=0, bn_mode="transductive",
                           ways=3, shots=1)
     batches = maml.task_batches(problem, "test", 6, 4, 2)
     reference = maml.adaptation_curve(params, problem, batches, 0.4, 2)[-1]
@@ -260,7 +260,7 @@ def test_freezing_nothing_is_maml_and_freezing_the_body_is_anil():
 
 def test_similarity_without_adaptation_is_perfect():
     params, problem, net = image_problem()
-    cfg = SimpleNamespace(inner_lr=0.4, eval_steps=0, similarity_tasks=3, similarity_query=2, eval_batch=2, seed=0,
+    cfg = SimpleNamespace(inner_lr=0.4, eval_steps=0, similarity_tasks=3, similarity_query=2, eval_chunk=2, seed=0,
                           ways=3, shots=1, query=2, device="cpu")
     s = anil.similarity(cfg, problem, net, params, splits=None)
     for layer in net.layer_names:

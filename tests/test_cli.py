@@ -144,3 +144,10 @@ def test_plot(tmp_path):
     out = tmp_path / "fig.png"
     run("--iterations", "5", "--test-tasks", "4", "--val-tasks", "2", "--plot", out)
     assert out.stat().st_size > 10000
+
+
+def test_an_explicit_iterations_flag_is_kept():
+    parse = maml.build_parser().parse_args
+    assert maml.finalize_config(parse(["--iterations", "70000"])).iterations == 70000
+    assert maml.finalize_config(parse([])).iterations == maml.QUICK_SINUSOID_ITERATIONS
+    assert maml.finalize_config(parse(["--full"])).iterations == 70000

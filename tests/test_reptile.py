@@ -434,8 +434,8 @@ def test_eval_batch_changes_nothing_but_speed(omniglot_dir):
     """Tasks and inner mini-batch orders are drawn task by task, so the test numbers do not
     depend on how many tasks are adapted at once (20 shots in mini-batches of 2 here)."""
     base = tiny(omniglot_dir, "--ways", "2", "--shots", "2", "--eval-inner-batch", "2", "--eval-steps", "3")
-    a = reptile.main(base + ["--eval-batch", "4"])
-    b = reptile.main(base + ["--eval-batch", "3"])
+    a = reptile.main(base + ["--eval-chunk", "4"])
+    b = reptile.main(base + ["--eval-chunk", "3"])
     assert a["test"] == b["test"]
 
 
