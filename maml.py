@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 import data
 
-# ---------------------------------------------------------------------------------------------
-# Config: the paper's settings (Appendix A.1, §5.1) and the command line
-# ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# The paper's settings (§5.1, Appendix A.1)
+# ---------------------------------------------------------------------------------------------
 # The loss is averaged over the support set, as PyTorch ports do. The reference code
 # (cbfinn/maml) sums the cross-entropy over the N·K support examples and divides by K, i.e.
 # N times our mean, so its α equals N·α in our convention. We keep the paper's α values as
@@ -75,8 +75,6 @@ PAPER_SETTINGS = {
 # `python maml.py` with no arguments must finish in about 3 minutes on 2 CPU cores; --full
 # gives the paper's 70k iterations.
 QUICK_SINUSOID_ITERATIONS = 30000
-
-
 def paper_settings(dataset, ways, shots):
     if dataset == "sinusoid":
         return dict(PAPER_SETTINGS["sinusoid"])
@@ -89,109 +87,8 @@ def paper_settings(dataset, ways, shots):
     return s
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows a flag's default only when it has one; unset flags take the paper's value."""
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="MAML and first-order MAML (Finn et al. 2017). Flags left unset take the "
-                    "paper's value for the chosen dataset (Appendix A.1, §5.1).",
-        allow_abbrev=False, formatter_class=HelpFormatter)
-    a = p.add_argument
-    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
-      help="task distribution: sinusoid (§5.1), omniglot / miniimagenet (§5.2), or an image folder")
-    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
-      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
-    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
-    a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
-    a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
-    a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
-      "(paper: K on Omniglot, 15 on MiniImageNet, 10 sinusoid points)")
-    a("--inner-lr", type=float, default=None, help="α, inner step size (paper: 0.01 sinusoid, 0.4 Omniglot 5-way, "
-      "0.1 20-way, 0.01 MiniImageNet), for a loss averaged over the support set")
-    a("--inner-steps", type=int, default=None, help="inner gradient steps in training (paper: 1, 5 for 20-way and MiniImageNet)")
-    a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
-    a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
-    a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
-    a("--first-order", action="store_true", help="first-order MAML (§5.2): no second derivatives")
-    a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "
-      "the sinusoid, the paper's 60000 for classification)")
-    a("--full", action="store_true", help="the paper's length: 70000 sinusoid iterations")
-    a("--sinusoid-variant", choices=["maml", "reptile"], default="maml",
-      help="maml: phase U[0, π] (§5.1); reptile: phase U[0, 2π], query = 50 even points (Reptile §4)")
-    a("--no-baseline", action="store_true", help="sinusoid: skip the 'pretrained on all tasks' baseline of §5.1")
-    a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
-    a("--val-tasks", type=int, default=100, help="validation tasks per validation")
-    a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
-    a("--task-chunk", type=int, default=None, help="tasks of a meta-batch adapted together as one batched "
-      "computation (speed and memory only; the meta-gradient is the same)")
-    a("--eval-chunk", type=int, default=None, help="tasks adapted together during evaluation (speed and memory only)")
-    a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
-      help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
-      "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
-    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
-    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
-    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
-    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
-    a("--seed", type=int, default=0, help="seeds the initialization and the task stream")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    a("--out", default=None, help="write the config and final metrics to this JSON file")
-    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
-    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
-    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
-    a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: MAML Fig. 2; "
-      "classification: the adaptation curve); needs matplotlib")
-    a("--env", default=None, help="meta-RL instead (Alg. 3, §5.3): navigation2d, halfcheetah-dir, halfcheetah-vel, "
-      "ant-dir or ant-vel; `--env NAME --help` lists the meta-RL flags")
-    return p
-
-
-def finalize_config(cfg):
-    """Fill unset flags with the paper's settings and reject impossible combinations."""
-    check_session_flags(cfg)
-    if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
-        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
-    if cfg.shots is None:
-        cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
-    if cfg.dataset == "sinusoid" and cfg.iterations is None and not cfg.full:
-        cfg.iterations = QUICK_SINUSOID_ITERATIONS      # an explicit --iterations always wins
-    for k, v in paper_settings(cfg.dataset, cfg.ways, cfg.shots).items():
-        if getattr(cfg, k, None) is None:
-            setattr(cfg, k, v)
-    if cfg.val_every is None:
-        cfg.val_every = max(1, cfg.iterations // 10)
-    for name in ("ways", "shots", "query", "inner_steps", "meta_batch_size", "iterations",
-                 "val_tasks", "test_tasks", "eval_chunk", "val_every", "task_chunk"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if cfg.eval_steps < 0:
-        raise SystemExit("error: --eval-steps must be at least 0")
-    return cfg
-
-
-def check_session_flags(cfg):
-    """The checks every entry point shares (maml.py, anil.py, rl.py): checkpoint flags that go
-    together, matplotlib for --plot, a CUDA device for --device cuda."""
-    if cfg.eval_only and not cfg.load:
-        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
-    if cfg.load and not cfg.eval_only:
-        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
-    if cfg.load and cfg.resume:
-        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
-
-
 # ---------------------------------------------------------------------------------------------
-# Functional models. Every forward takes params with a leading task dimension T, so a whole
+# The functional models. Every forward takes params with a leading task dimension T, so a whole
 # meta-batch runs as one batched computation: x is (T, B, ...) and the output (T, B, outputs).
 # ---------------------------------------------------------------------------------------------
 
@@ -294,50 +191,8 @@ def accuracy_per_task(out, y):
     return (out.argmax(-1) == y).float().mean(1)
 
 
-@dataclass
-class Problem:
-    """What the algorithm needs to know about a task distribution."""
-    params: dict                     # θ at initialization
-    forward: Callable                # forward(params with leading T, x (T, B, ...)) -> (T, B, outputs)
-    loss: Callable                   # loss(out, y) -> (T,)
-    metric: Callable                 # what evaluation reports per task: accuracy or MSE
-    metric_name: str
-    sample: Callable                 # sample(split, tasks, generator) -> x_s, y_s, x_q, y_q
-    has_val: bool = True             # False when the val split has fewer classes than ways
-
-
-def make_problem(cfg, device, splits=None):
-    g = torch.Generator().manual_seed(cfg.seed)
-    if cfg.dataset == "sinusoid":
-        def sample(split, tasks, generator, shots=None, query=None):
-            b = data.sinusoid_tasks(tasks, shots or cfg.shots, query or cfg.query, generator,
-                                    cfg.sinusoid_variant, device)
-            return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
-        return Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
-
-    samplers = {}
-    for name, split in splits.items():
-        if name == "val" and split.num_classes < cfg.ways:
-            print(f"note: the val split has {split.num_classes} classes, fewer than ways={cfg.ways}; "
-                  f"validation is skipped (--rotate-eval adds rotated val/test classes)")
-            continue
-        samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
-    channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
-    max_pool = cfg.dataset != "omniglot"
-    hidden = 64 if cfg.dataset == "omniglot" else 32
-    params = init_convnet(channels, hidden, cfg.ways, conv_feature_dim(size, hidden, max_pool), g)
-
-    def forward(p, x):
-        return conv_forward(p, x, max_pool)
-
-    def sample(split, tasks, generator):
-        return samplers[split].sample(tasks, generator)
-    return Problem(params, forward, cross_entropy_per_task, accuracy_per_task, "acc", sample,
-                   has_val="val" in samplers)
-
-
 # ---------------------------------------------------------------------------------------------
-# The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10)
+# The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10); Alg. 3's inner loop
 # ---------------------------------------------------------------------------------------------
 
 def adapt(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order):
@@ -394,8 +249,16 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     return total, torch.cat(metrics).mean().item()
 
 
+def adapt_policy(params, episodes, inner_lr, first_order):
+    """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
+    (the mean network and log σ), on the K trajectories D_i with their advantages."""
+    import rl
+    return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
+                 1, inner_lr, first_order)
+
+
 # ---------------------------------------------------------------------------------------------
-# Evaluation: the adaptation curve of Fig. 3 on unseen tasks, mean ± 95% CI
+# Evaluation: the adaptation curve on unseen tasks (Fig. 3), mean ± 95% CI; §5.1's baseline
 # ---------------------------------------------------------------------------------------------
 
 def predict(fast, forward, x_s, x_q, bn_mode):
@@ -426,6 +289,12 @@ def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="tr
     return torch.stack([torch.cat(r) for r in rows]).numpy()
 
 
+def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
+    """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
+    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
+    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
+
+
 def task_batches(problem, split, tasks, batch_size, seed, **kw):
     """A fixed, seeded set of `tasks` tasks in batches of `batch_size`. Tasks are drawn one at a
     time, so the set is the same for every model and every batch size."""
@@ -446,14 +315,6 @@ def mean_ci(values):
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def format_curve(curve):
-    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
-
-
-# ---------------------------------------------------------------------------------------------
-# §5.1 baseline: a network pretrained on all sinusoid tasks, then fine-tuned with a tuned α
-# ---------------------------------------------------------------------------------------------
-
 def pretrain_step(params, optimizer, problem, batch):
     """Plain regression onto random sinusoids: no inner loop, so the network learns the mean
     output over tasks (App. C.1)."""
@@ -469,7 +330,11 @@ def pretrain_step(params, optimizer, problem, batch):
 
 
 FINE_TUNE_LRS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
 SINUSOID_EVAL_SHOTS = (5, 10, 20)
+
+
 SINUSOID_EVAL_POINTS = 100   # query points per test task; the MSE's expectation does not depend on it
 
 
@@ -494,77 +359,167 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
     return results
 
 
-def print_sinusoid_table(results, eval_steps):
-    steps = [s for s in (0, 1, 5, 10) if s <= eval_steps]
-    paper = {("maml", 5): "0.67 / 0.38 / 0.35", ("pretrained", 5): "2.41 / 2.23 / 2.19"}
-    print("\nSinusoid regression, MSE ± 95% CI after k fine-tuning steps (MAML Table 2 / Fig. 6)")
-    print(f"{'K':>3} {'model':<11} " + " ".join(f"{'k=' + str(s):>15}" for s in steps) + "   paper k=1/5/10")
-    for K, entry in results.items():
-        for name in ("maml", "pretrained"):
-            if name in entry:
-                cells = " ".join(f"{m:7.3f} ± {c:5.3f}" for m, c in (mean_ci(entry[name][s]) for s in steps))
-                print(f"{K:>3} {name:<11} {cells}   {paper.get((name, K), '')}")
-    if "pretrained_lr" in next(iter(results.values())):
-        print("pretrained fine-tuning α (tuned on validation tasks): "
-              + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
+# ---- Below: what the paper does not contain: command line, data, checkpoints, training loop, plots ----
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default only when it has one; unset flags take the paper's value."""
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
-def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
-    """MAML Fig. 2: random test sinusoids (one per row), K = 5 points, each model before
-    adaptation and after 1 and 10 steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    b = data.sinusoid_tasks(tasks, 5, 1, g, cfg.sinusoid_variant)
-    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1).expand(tasks, 200, 1)
-    truth = b["amplitude"][:, None, None] * torch.sin(grid - b["phase"][:, None, None])
-    models = [("MAML", maml_params, cfg.inner_lr)]
-    if pretrained_params is not None:
-        models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
-    fig, axes = plt.subplots(tasks, len(models), figsize=(5.5 * len(models), 3 * tasks), squeeze=False)
-    for col, (name, params, lr) in enumerate(models):
-        params = {k: v.detach().cpu() for k, v in params.items()}
-        fast = {k: v.requires_grad_() for k, v in per_task(params, tasks).items()}
-        curves = {}
-        for step in range(11):
-            if step in (0, 1, 10):
-                with torch.no_grad():
-                    curves[step] = mlp_forward(fast, grid)
-            fast = adapt(fast, mlp_forward, mse_per_task, b["x_support"], b["y_support"], 1, lr, True)
-        for t in range(tasks):
-            ax = axes[t, col]
-            ax.plot(grid[t, :, 0], truth[t, :, 0], "r", label="ground truth")
-            for step, out in curves.items():
-                ax.plot(grid[t, :, 0], out[t, :, 0], "--" if step == 0 else "-",
-                        label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
-            ax.plot(b["x_support"][t, :, 0], b["y_support"][t, :, 0], "^", color="purple", label="K = 5 points")
-            if t == 0:
-                ax.set_title(name)
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    print(f"saved {path}")
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="MAML and first-order MAML (Finn et al. 2017). Flags left unset take the "
+                    "paper's value for the chosen dataset (Appendix A.1, §5.1).",
+        allow_abbrev=False, formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
+      help="task distribution: sinusoid (§5.1), omniglot / miniimagenet (§5.2), or an image folder")
+    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
+      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
+    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
+    a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
+    a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
+    a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
+      "(paper: K on Omniglot, 15 on MiniImageNet, 10 sinusoid points)")
+    a("--inner-lr", type=float, default=None, help="α, inner step size (paper: 0.01 sinusoid, 0.4 Omniglot 5-way, "
+      "0.1 20-way, 0.01 MiniImageNet), for a loss averaged over the support set")
+    a("--inner-steps", type=int, default=None, help="inner gradient steps in training (paper: 1, 5 for 20-way and MiniImageNet)")
+    a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
+    a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
+    a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
+    a("--first-order", action="store_true", help="first-order MAML (§5.2): no second derivatives")
+    a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "
+      "the sinusoid, the paper's 60000 for classification)")
+    a("--full", action="store_true", help="the paper's length: 70000 sinusoid iterations")
+    a("--sinusoid-variant", choices=["maml", "reptile"], default="maml",
+      help="maml: phase U[0, π] (§5.1); reptile: phase U[0, 2π], query = 50 even points (Reptile §4)")
+    a("--no-baseline", action="store_true", help="sinusoid: skip the 'pretrained on all tasks' baseline of §5.1")
+    a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
+    a("--val-tasks", type=int, default=100, help="validation tasks per validation")
+    a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
+    a("--task-chunk", type=int, default=None, help="tasks of a meta-batch adapted together as one batched "
+      "computation (speed and memory only; the meta-gradient is the same)")
+    a("--eval-chunk", type=int, default=None, help="tasks adapted together during evaluation (speed and memory only)")
+    a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
+      help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
+      "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
+    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
+    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
+    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
+    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
+    a("--seed", type=int, default=0, help="seeds the initialization and the task stream")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--out", default=None, help="write the config and final metrics to this JSON file")
+    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
+    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
+    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: MAML Fig. 2; "
+      "classification: the adaptation curve); needs matplotlib")
+    a("--env", default=None, help="meta-RL instead (Alg. 3, §5.3): navigation2d, halfcheetah-dir, halfcheetah-vel, "
+      "ant-dir or ant-vel; `--env NAME --help` lists the meta-RL flags")
+    return p
 
 
-def plot_curve(path, curve, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    stats = [mean_ci(r) for r in curve]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3)
-    ax.set_xlabel("inner gradient steps at test time")
-    ax.set_ylabel("query accuracy")
-    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {'FO' if cfg.first_order else ''}MAML")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
+def finalize_config(cfg):
+    """Fill unset flags with the paper's settings and reject impossible combinations."""
+    check_session_flags(cfg)
+    if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
+        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
+    if cfg.shots is None:
+        cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
+    if cfg.dataset == "sinusoid" and cfg.iterations is None and not cfg.full:
+        cfg.iterations = QUICK_SINUSOID_ITERATIONS      # an explicit --iterations always wins
+    for k, v in paper_settings(cfg.dataset, cfg.ways, cfg.shots).items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    if cfg.val_every is None:
+        cfg.val_every = max(1, cfg.iterations // 10)
+    for name in ("ways", "shots", "query", "inner_steps", "meta_batch_size", "iterations",
+                 "val_tasks", "test_tasks", "eval_chunk", "val_every", "task_chunk"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if cfg.eval_steps < 0:
+        raise SystemExit("error: --eval-steps must be at least 0")
+    return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: one dict, written atomically
-# ---------------------------------------------------------------------------------------------
+def check_session_flags(cfg):
+    """The checks every entry point shares (maml.py, anil.py, rl.py): checkpoint flags that go
+    together, matplotlib for --plot, a CUDA device for --device cuda."""
+    if cfg.eval_only and not cfg.load:
+        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.load and not cfg.eval_only:
+        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
+    if cfg.load and cfg.resume:
+        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+
+
+@dataclass
+class Problem:
+    """What the algorithm needs to know about a task distribution."""
+    params: dict                     # θ at initialization
+    forward: Callable                # forward(params with leading T, x (T, B, ...)) -> (T, B, outputs)
+    loss: Callable                   # loss(out, y) -> (T,)
+    metric: Callable                 # what evaluation reports per task: accuracy or MSE
+    metric_name: str
+    sample: Callable                 # sample(split, tasks, generator) -> x_s, y_s, x_q, y_q
+    has_val: bool = True             # False when the val split has fewer classes than ways
+
+
+def make_problem(cfg, device, splits=None):
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.dataset == "sinusoid":
+        def sample(split, tasks, generator, shots=None, query=None):
+            b = data.sinusoid_tasks(tasks, shots or cfg.shots, query or cfg.query, generator,
+                                    cfg.sinusoid_variant, device)
+            return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
+        return Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
+
+    samplers = {}
+    for name, split in splits.items():
+        if name == "val" and split.num_classes < cfg.ways:
+            print(f"note: the val split has {split.num_classes} classes, fewer than ways={cfg.ways}; "
+                  f"validation is skipped (--rotate-eval adds rotated val/test classes)")
+            continue
+        samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
+    channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
+    max_pool = cfg.dataset != "omniglot"
+    hidden = 64 if cfg.dataset == "omniglot" else 32
+    params = init_convnet(channels, hidden, cfg.ways, conv_feature_dim(size, hidden, max_pool), g)
+
+    def forward(p, x):
+        return conv_forward(p, x, max_pool)
+
+    def sample(split, tasks, generator):
+        return samplers[split].sample(tasks, generator)
+    return Problem(params, forward, cross_entropy_per_task, accuracy_per_task, "acc", sample,
+                   has_val="val" in samplers)
+
+
+def load_splits(cfg):
+    if cfg.dataset == "sinusoid":
+        return None
+    if cfg.dataset == "omniglot":
+        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval)
+    elif cfg.dataset == "miniimagenet":
+        splits = data.load_miniimagenet(cfg.data_dir)
+    else:
+        splits = data.load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
+    if cfg.test_dir:
+        # The trained network fixes the image format: Omniglot's is 28x28 grayscale with ink = 1.
+        size, channels = splits["train"].images.shape[2], splits["train"].images.shape[1]
+        splits["test"] = data.load_image_folder_classes(cfg.test_dir, size, channels,
+                                                        invert=cfg.dataset == "omniglot")
+    return splits
+
 
 def save_checkpoint(path, state):
     directory = os.path.dirname(os.path.abspath(path))
@@ -598,8 +553,6 @@ SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot"}
 # Flags that do not change what training computes: the checkpoint's value unless given again.
 OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
                      "eval_steps", "val_tasks"}
-
-
 def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS):
     """The checkpoint's config, with this invocation's flags. A training flag given on the command
     line that contradicts the checkpoint is an error, not silently ignored."""
@@ -612,10 +565,6 @@ def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, over
     return merged
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -623,12 +572,8 @@ def seed_everything(seed):
 
 
 def keep_freed_memory():
-    """Speed only: let glibc keep the memory of freed tensors instead of giving it back to the OS.
-    PyTorch's CPU tensors come from malloc, and by default glibc returns large freed blocks
-    (munmap, heap trimming) at once, so the next iteration's identical tensors page-fault that
-    memory in again: a fifth of a meta-RL iteration went to the kernel. With blocks up to 32 MiB
-    served from the heap and up to 1 GiB of free heap kept, that time is gone (README,
-    rl.py section, Speed). Numbers are unchanged. Returns whether the settings took (False off glibc)."""
+    """Speed only: glibc otherwise unmaps large freed tensors at once, and every iteration
+    page-faults them back in. Returns whether the setting took (False off glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -637,29 +582,6 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # from glibc's <malloc.h>
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-
-
-def load_splits(cfg):
-    if cfg.dataset == "sinusoid":
-        return None
-    if cfg.dataset == "omniglot":
-        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval)
-    elif cfg.dataset == "miniimagenet":
-        splits = data.load_miniimagenet(cfg.data_dir)
-    else:
-        splits = data.load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
-    if cfg.test_dir:
-        # The trained network fixes the image format: Omniglot's is 28x28 grayscale with ink = 1.
-        size, channels = splits["train"].images.shape[2], splits["train"].images.shape[1]
-        splits["test"] = data.load_image_folder_classes(cfg.test_dir, size, channels,
-                                                        invert=cfg.dataset == "omniglot")
-    return splits
-
-
-def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
-    """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
-    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
-    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
 
 
 def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
@@ -732,21 +654,76 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
     return checkpoint(cfg.iterations)
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+def format_curve(curve):
+    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
 
-# ---------------------------------------------------------------------------------------------
-# Meta-RL (Algorithm 3, §5.3): rl.py holds the environments, sampling, advantages and TRPO; the
-# algorithm's part is its inner loop, the same adapt() with the policy-gradient loss of Eq. (4)
-# ---------------------------------------------------------------------------------------------
 
-def adapt_policy(params, episodes, inner_lr, first_order):
-    """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
-    (the mean network and log σ), on the K trajectories D_i with their advantages."""
-    import rl
-    return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
-                 1, inner_lr, first_order)
+def print_sinusoid_table(results, eval_steps):
+    steps = [s for s in (0, 1, 5, 10) if s <= eval_steps]
+    paper = {("maml", 5): "0.67 / 0.38 / 0.35", ("pretrained", 5): "2.41 / 2.23 / 2.19"}
+    print("\nSinusoid regression, MSE ± 95% CI after k fine-tuning steps (MAML Table 2 / Fig. 6)")
+    print(f"{'K':>3} {'model':<11} " + " ".join(f"{'k=' + str(s):>15}" for s in steps) + "   paper k=1/5/10")
+    for K, entry in results.items():
+        for name in ("maml", "pretrained"):
+            if name in entry:
+                cells = " ".join(f"{m:7.3f} ± {c:5.3f}" for m, c in (mean_ci(entry[name][s]) for s in steps))
+                print(f"{K:>3} {name:<11} {cells}   {paper.get((name, K), '')}")
+    if "pretrained_lr" in next(iter(results.values())):
+        print("pretrained fine-tuning α (tuned on validation tasks): "
+              + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
+
+
+def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
+    """MAML Fig. 2: random test sinusoids (one per row), K = 5 points, each model before
+    adaptation and after 1 and 10 steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    b = data.sinusoid_tasks(tasks, 5, 1, g, cfg.sinusoid_variant)
+    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1).expand(tasks, 200, 1)
+    truth = b["amplitude"][:, None, None] * torch.sin(grid - b["phase"][:, None, None])
+    models = [("MAML", maml_params, cfg.inner_lr)]
+    if pretrained_params is not None:
+        models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
+    fig, axes = plt.subplots(tasks, len(models), figsize=(5.5 * len(models), 3 * tasks), squeeze=False)
+    for col, (name, params, lr) in enumerate(models):
+        params = {k: v.detach().cpu() for k, v in params.items()}
+        fast = {k: v.requires_grad_() for k, v in per_task(params, tasks).items()}
+        curves = {}
+        for step in range(11):
+            if step in (0, 1, 10):
+                with torch.no_grad():
+                    curves[step] = mlp_forward(fast, grid)
+            fast = adapt(fast, mlp_forward, mse_per_task, b["x_support"], b["y_support"], 1, lr, True)
+        for t in range(tasks):
+            ax = axes[t, col]
+            ax.plot(grid[t, :, 0], truth[t, :, 0], "r", label="ground truth")
+            for step, out in curves.items():
+                ax.plot(grid[t, :, 0], out[t, :, 0], "--" if step == 0 else "-",
+                        label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
+            ax.plot(b["x_support"][t, :, 0], b["y_support"][t, :, 0], "^", color="purple", label="K = 5 points")
+            if t == 0:
+                ax.set_title(name)
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"saved {path}")
+
+
+def plot_curve(path, curve, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stats = [mean_ci(r) for r in curve]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3)
+    ax.set_xlabel("inner gradient steps at test time")
+    ax.set_ylabel("query accuracy")
+    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {'FO' if cfg.first_order else ''}MAML")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
 
 
 def main_rl(argv, adapt_policy, algorithm, prog):
