@@ -47,56 +47,26 @@ import data
 import maml
 from maml import NonFiniteLoss, mean_ci, per_task, predict, task_batches
 
-# ---------------------------------------------------------------------------------------------
-# Config: maml.py's flags (the ANIL paper keeps MAML's settings, App. C / E.5) plus the analyses
-# ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# The paper's numbers, for the printouts (the settings are MAML's, App. C / E.5)
+# ---------------------------------------------------------------------------------------------
 # Table 4 (App. E.6): seconds on a Titan Xp, TensorFlow; speed-ups are ratios of the means.
 PAPER_TIMING = {("train", 1): {"MAML": 0.15, "FOMAML": 0.089, "ANIL": 0.084},
                 ("train", 5): {"MAML": 0.68, "FOMAML": 0.40, "ANIL": 0.37},
                 ("inference", 1): {"MAML": 0.083, "ANIL": 0.020},
                 ("inference", 5): {"MAML": 0.37, "ANIL": 0.076}}
 PAPER_SPEEDUP = {("train", 1): 1.79, ("train", 5): 1.84, ("inference", 1): 4.15, ("inference", 5): 4.87}
+
+
 # Table 2 (App. D.1), MiniImageNet 5-way 1-shot / 5-shot, for the printout.
 PAPER_FREEZE = {"none": "44.5 / 61.7", "1": "44.8 / 61.7", "1-2": "44.8 / 61.4",
                 "1-3": "44.7 / 60.2", "1-4": "44.7 / 60.2"}
-# The flags that exist only here: never part of a checkpoint's training config.
-ANALYSIS_FLAGS = {"freeze_table", "similarity", "similarity_tasks", "similarity_query", "timing",
-                  "timing_batches"}
-
-
-def build_parser():
-    p = maml.build_parser()
-    p.description = ("ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the head, plus the "
-                     "paper's freezing, representational-similarity and timing analyses. Flags left unset "
-                     "take MAML's paper values for the chosen dataset, as the ANIL paper does (App. C, E.5).")
-    for action in p._actions:
-        if action.dest == "first_order":
-            action.help = "first-order ANIL: the head's inner gradient is a constant, so no second-order term reaches the body"
-        elif action.dest == "no_baseline":
-            action.help = "unused by anil.py (maml.py's sinusoid baseline)"
-        elif action.dest == "task_chunk":
-            action.help = "unused by anil.py: ANIL's meta-batch is one batched computation (its graph is small)"
-        elif action.dest == "plot":
-            action.help = "with --similarity: save the per-layer CCA / CKA / distance bars (Fig. 4/5); needs matplotlib"
-    a = p.add_argument
-    a("--freeze-table", action="store_true", help="§3 / App. D.1, Table 2: test accuracy when layers none, 1, 1-2, "
-      "1-3, 1-4 get no inner-loop update at test time (the rest, head included, adapt as in MAML)")
-    a("--similarity", action="store_true", help="App. D.2-D.3, Fig. 4/5: per-layer CCA, linear CKA and weight "
-      "distance before vs after MAML's full inner loop, averaged over test tasks")
-    a("--similarity-tasks", type=int, default=100, help="test tasks averaged in --similarity")
-    a("--similarity-query", type=int, default=15, help="query images per class on which --similarity compares "
-      "activations (CCA needs many more data points than neurons; paper: not stated)")
-    a("--timing", action="store_true", help="App. E.6, Table 4: ms per training step and per inference of MAML, "
-      "FOMAML and ANIL on the MiniImageNet network (random tensors, no data needed), then exit")
-    a("--timing-batches", type=int, default=30, help="timed batches per entry of --timing (paper: 2000)")
-    return p
-
 
 # ---------------------------------------------------------------------------------------------
 # The model, split as the paper splits it (§2): the body is every layer but the last, the head
-# is the last layer. The conv body is maml.conv_body itself (maml.conv_forward is that body and
-# a linear head); the MLP body is maml.mlp_forward without its last layer.
+# is the last layer. The conv body is maml.conv_body itself; the MLP body is maml.mlp_forward
+# without its last layer.
 # ---------------------------------------------------------------------------------------------
 
 def mlp_body(params, x, layers, activations=None):
@@ -183,8 +153,18 @@ def meta_step(params, optimizer, problem, batch, cfg):
     return maml.meta_step(params, optimizer, problem, batch, cfg, adapt)
 
 
+POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
+
+
+def adapt_policy(params, episodes, inner_lr, first_order):
+    """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
+    import rl
+    net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"), None)
+    return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
+
+
 # ---------------------------------------------------------------------------------------------
-# Evaluation: maml.adaptation_curve with ANIL's inner loop (the head adapts, the body is reused)
+# Evaluation: maml.evaluate with ANIL's inner loop (the head adapts, the body is reused)
 # ---------------------------------------------------------------------------------------------
 
 def evaluate(params, problem, split, tasks, seed, cfg):
@@ -331,28 +311,6 @@ def similarity(cfg, problem, net, params, splits):
     return summary
 
 
-def plot_similarity(path, summary, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    titles = {"cca": "CCA similarity", "cka": "CKA similarity", "distance": "weight distance ||θ′−θ||"}
-    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-    for ax, (m, title) in zip(axes, titles.items()):
-        names = list(summary[m])
-        ax.bar(names, [summary[m][n][0] for n in names], yerr=[summary[m][n][1] for n in names],
-               color=["tab:blue"] * (len(names) - 1) + ["tab:red"], capsize=3)
-        ax.set_title(title, fontsize=10)
-        if m != "distance":
-            ax.set_ylim(0, 1.05)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(f"before vs after the MAML inner loop, {cfg.dataset} {cfg.ways}-way {cfg.shots}-shot "
-                 f"({cfg.similarity_tasks} test tasks)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    print(f"saved {path}")
-
-
 # ---------------------------------------------------------------------------------------------
 # App. E.6, Table 4: computation time on the MiniImageNet network
 # ---------------------------------------------------------------------------------------------
@@ -426,9 +384,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# ---- Below: what the paper does not contain: command line, checkpoints, plots (training is maml.train) ----
+
+# The flags that exist only here: never part of a checkpoint's training config.
+ANALYSIS_FLAGS = {"freeze_table", "similarity", "similarity_tasks", "similarity_query", "timing",
+                  "timing_batches"}
+def build_parser():
+    p = maml.build_parser()
+    p.description = ("ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the head, plus the "
+                     "paper's freezing, representational-similarity and timing analyses. Flags left unset "
+                     "take MAML's paper values for the chosen dataset, as the ANIL paper does (App. C, E.5).")
+    a = p.add_argument
+    a("--freeze-table", action="store_true", help="§3 / App. D.1, Table 2: test accuracy when layers none, 1, 1-2, "
+      "1-3, 1-4 get no inner-loop update at test time (the rest, head included, adapt as in MAML)")
+    a("--similarity", action="store_true", help="App. D.2-D.3, Fig. 4/5: per-layer CCA, linear CKA and weight "
+      "distance before vs after MAML's full inner loop, averaged over test tasks")
+    a("--similarity-tasks", type=int, default=100, help="test tasks averaged in --similarity")
+    a("--similarity-query", type=int, default=15, help="query images per class on which --similarity compares "
+      "activations (CCA needs many more data points than neurons; paper: not stated)")
+    a("--timing", action="store_true", help="App. E.6, Table 4: ms per training step and per inference of MAML, "
+      "FOMAML and ANIL on the MiniImageNet network (random tensors, no data needed), then exit")
+    a("--timing-batches", type=int, default=30, help="timed batches per entry of --timing (paper: 2000)")
+    return p
+
 
 def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
     """Parse, merge with the checkpoint's config (maml.merge_checkpoint_config, the analysis flags
@@ -482,19 +460,26 @@ def setup(cfg, saved):
     return splits, problem, net, state
 
 
-# ---------------------------------------------------------------------------------------------
-# Meta-RL (Table 1, App. E.5): rl.py's plumbing with ANIL's inner loop on the policy. The body is
-# fc1-fc2; the head is the output layer, fc3 (the mean) and the state-independent log σ.
-# ---------------------------------------------------------------------------------------------
-
-POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
-
-
-def adapt_policy(params, episodes, inner_lr, first_order):
-    """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
-    import rl
-    net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"), None)
-    return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
+def plot_similarity(path, summary, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    titles = {"cca": "CCA similarity", "cka": "CKA similarity", "distance": "weight distance ||θ′−θ||"}
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for ax, (m, title) in zip(axes, titles.items()):
+        names = list(summary[m])
+        ax.bar(names, [summary[m][n][0] for n in names], yerr=[summary[m][n][1] for n in names],
+               color=["tab:blue"] * (len(names) - 1) + ["tab:red"], capsize=3)
+        ax.set_title(title, fontsize=10)
+        if m != "distance":
+            ax.set_ylim(0, 1.05)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"before vs after the MAML inner loop, {cfg.dataset} {cfg.ways}-way {cfg.shots}-shot "
+                 f"({cfg.similarity_tasks} test tasks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"saved {path}")
 
 
 def main(argv=None):

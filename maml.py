@@ -195,14 +195,14 @@ def accuracy_per_task(out, y):
 # The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10); Alg. 3's inner loop
 # ---------------------------------------------------------------------------------------------
 
-def adapt(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order):
+def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
     """θ'_i for every task of the batch at once. params: (T, ...) tensors, one copy of θ per task.
     The tasks never mix (separate channel groups and BatchNorm statistics), so the gradient
     of the summed loss with respect to copy i is task i's own gradient ∇θ L_Ti(f_θ)."""
     fast = params
     for _ in range(inner_steps):
         # Alg. 2 lines 5-6: ∇θ L_Ti(f_θ) on the K support examples D
-        inner_loss = loss_fn(forward(fast, x), y).sum()
+        inner_loss = loss_fn(net(fast, x), y).sum()
         # Second-order MAML keeps this gradient's graph so that the meta-gradient differentiates
         # through it (Hessian-vector products); first-order MAML (§5.2) treats it as a constant,
         # so that ∇θ L(θ') becomes ∇θ' L(θ').
@@ -390,13 +390,14 @@ def build_parser():
     a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
     a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
-    a("--first-order", action="store_true", help="first-order MAML (§5.2): no second derivatives")
+    a("--first-order", action="store_true", help="first-order MAML (§5.2): the inner gradient is a constant, "
+      "no second derivatives (anil.py, nil.py: the head's inner gradient)")
     a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "
       "the sinusoid, the paper's 60000 for classification)")
     a("--full", action="store_true", help="the paper's length: 70000 sinusoid iterations")
     a("--sinusoid-variant", choices=["maml", "reptile"], default="maml",
       help="maml: phase U[0, π] (§5.1); reptile: phase U[0, 2π], query = 50 even points (Reptile §4)")
-    a("--no-baseline", action="store_true", help="sinusoid: skip the 'pretrained on all tasks' baseline of §5.1")
+    a("--no-baseline", action="store_true", help="maml.py sinusoid: skip the 'pretrained on all tasks' baseline of §5.1")
     a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
     a("--val-tasks", type=int, default=100, help="validation tasks per validation")
     a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600), reported as mean ± 95%% CI")
@@ -417,8 +418,8 @@ def build_parser():
     a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
-    a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: MAML Fig. 2; "
-      "classification: the adaptation curve); needs matplotlib")
+    a("--plot", nargs="?", const="auto", default=None, help="save a figure (maml.py: the sinusoid "
+      "of Fig. 2 or the adaptation curve; anil.py: the --similarity bars); needs matplotlib")
     a("--env", default=None, help="meta-RL instead (Alg. 3, §5.3): navigation2d, halfcheetah-dir, halfcheetah-vel, "
       "ant-dir or ant-vel; `--env NAME --help` lists the meta-RL flags")
     return p

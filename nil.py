@@ -54,14 +54,7 @@ def build_parser():
     p.description = ("NIL (Raghu et al. 2020): ANIL training, then at test time no head and no inner loop: "
                      "each query takes the support labels weighted by a softmax over cosine similarities of "
                      "body features (§5). Flags left unset take MAML's paper values (App. C).")
-    for action in p._actions:
-        if action.dest == "dataset":
-            action.default = "omniglot"
-            action.help = "omniglot / miniimagenet (§5) or an image folder: NIL is a classifier"
-        elif action.dest == "first_order":
-            action.help = "first-order ANIL training (anil.py --first-order)"
-        elif action.dest in ("no_baseline", "sinusoid_variant", "full", "plot"):
-            action.help = "unused by nil.py"
+    p.set_defaults(dataset="omniglot")         # NIL is a classifier: no sinusoid
     a = p.add_argument
     a("--head-body", action="store_true", help="App. F, Table 5: bodies from MAML / ANIL training, multiclass "
       "pretraining, multitask training and random init, each with a MAML head and a NIL head")
