@@ -5,7 +5,7 @@ This file implements Algorithm 1 (serial Reptile), its batched form Eq. (5), and
 MAML variants that §2, §6.2 and §6.3 compare it with:
 
     Alg. 1 line 3   sample task τ                                    train(): sample_train()
-    Alg. 1 line 4   φ̃ = U^k_τ(φ), k steps of SGD or Adam (β1 = 0)      inner_loop()
+    Alg. 1 line 4   φ̃ = U^k_τ(φ), k steps of SGD or Adam (β1 = 0)      adapt()
     Alg. 1 line 5   φ ← φ + ε (φ̃ − φ)                                 meta_step()
     Eq. (5)         φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), n tasks at once     meta_step()
     App. A          ε annealed linearly to 0                          epsilon_at()
@@ -49,10 +49,10 @@ import maml
 from maml import (NonFiniteLoss, Problem, init_mlp, load_checkpoint, load_splits, mean_ci, mlp_forward,
                   mse_per_task, per_task, predict, save_checkpoint, seed_everything, task_batches)
 
-# ---------------------------------------------------------------------------------------------
-# Config: the paper's settings (Appendix A, Tables 3 and 4; §4) and the command line
-# ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# The paper's settings (Appendix A, Tables 3 and 4; §4)
+# ---------------------------------------------------------------------------------------------
 # Table 3 (Omniglot) and Table 4 (MiniImageNet). "Training shots" are the examples per class the
 # inner loop sees in meta-training (10 or 15, whatever K is at test); inner_batch is the inner
 # mini-batch size. All use Adam with β1 = 0 in the inner loop and plain SGD with ε = 1.0,
@@ -75,7 +75,11 @@ PAPER_SETTINGS = {
                      eval_steps=32, eval_inner_batch=10, shots=10),
 }
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8      # Adam's defaults (Kingma & Ba), which the paper keeps
+
+
 SINUSOID_HIDDEN = 64                    # §4: 1 → 64 → 64 → 1
+
+
 MAML_SINUSOID_LR = 0.01                 # MAML §5.1's α, for the MAML panel of Fig. 1
 
 
@@ -89,6 +93,178 @@ def paper_settings(dataset, ways, shots):
         s["eval_inner_batch"] = 15
     return s
 
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm: inner loop (Alg. 1 line 4) and meta-update (Alg. 1 line 5, Eq. 5). The model
+# is maml.py's (§4's regressor is its MLP with 64 units; §6.1 uses MAML's convnet).
+# ---------------------------------------------------------------------------------------------
+
+def epsilon_at(cfg, iteration):
+    """App. A: 'we linearly annealed the outer step size to 0'. iteration counts from 0."""
+    return cfg.meta_step_size * (1.0 - iteration / cfg.iterations)
+
+
+def minibatch_schedule(tasks, n_train, n_tail, batch, steps, tail, replacement, generator):
+    """The k inner mini-batches of each task, as a list of `steps` index tensors (T, batch) into
+    the task's examples [train examples | tail examples].
+
+    Cycling (the default): shuffle the n_train examples, walk through them in batches, reshuffle
+    when they run out. replacement (§6.3): every batch is a fresh random draw. tail='separate'
+    (§6.3): the last batch is the n_tail held-out examples, disjoint from the earlier batches."""
+    batch = min(batch, n_train)
+    cycled = steps - 1 if tail == "separate" else steps
+    if replacement:
+        idx = [torch.rand(tasks, n_train, generator=generator).argsort(1)[:, :batch] for _ in range(cycled)]
+    else:
+        epochs = math.ceil(cycled * batch / n_train)
+        order = torch.cat([torch.rand(tasks, n_train, generator=generator).argsort(1)
+                           for _ in range(epochs)], 1)                 # (T, epochs * n_train)
+        idx = list(order[:, :cycled * batch].reshape(tasks, cycled, batch).unbind(1))
+    if tail == "separate":
+        idx.append(n_train + torch.arange(n_tail).expand(tasks, n_tail))
+    return idx
+
+
+def init_inner_state(params):
+    """Adam's statistics for the inner loop, shaped like φ. The paper never resets them during
+    training (§6.1) and keeps the step count running."""
+    return {"t": 0, "m": {k: torch.zeros_like(v) for k, v in params.items()},
+            "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+
+def adam_update(grads, state, lr, beta1):
+    """One Adam step (Kingma & Ba 2015, Alg. 1) for per-task tensors. Returns the update u and
+    the new state; nothing is modified in place, so a caller's backup can never be touched."""
+    t = state["t"] + 1
+    m = {k: beta1 * state["m"][k] + (1 - beta1) * g for k, g in grads.items()}
+    v = {k: ADAM_BETA2 * state["v"][k] + (1 - ADAM_BETA2) * g * g for k, g in grads.items()}
+    c1, c2 = 1 - beta1 ** t, 1 - ADAM_BETA2 ** t
+    update = {k: -lr * (m[k] / c1) / ((v[k] / c2).sqrt() + ADAM_EPS) for k in grads}
+    return update, {"t": t, "m": m, "v": v}
+
+
+def adapt(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=0.0):
+    """Alg. 1 line 4: φ̃ = U^k_τ(φ), for T tasks at once. The arguments differ from maml.adapt's
+    where the algorithm does: k mini-batches (the schedule) instead of k steps on the whole
+    support set, an inner optimizer (SGD or Adam, whose state carries over) instead of plain
+    gradient steps, and no first_order flag, since Reptile is first-order by construction. fast: (T, ...) tensors; x, y: (T, M, ...)
+    the tasks' examples; schedule: k index tensors (T, b). Returns φ̃, the updates u_i = φ_{i+1} − φ_i,
+    the new optimizer state (per task, (T, ...)) and the last batch's per-task loss and metric.
+
+    First order throughout: every gradient is taken at the current φ_i and treated as a constant
+    (create_graph=False), which is what makes this family cheap (§2)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    updates = []
+    loss = metric = None
+    for idx in schedule:
+        idx = idx.to(x.device)
+        xb, yb = x[rows, idx], y[rows, idx]                           # (T, b, ...)
+        fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+        out = problem.forward(fast, xb)
+        loss = problem.loss(out, yb)                                  # (T,)
+        # Eq. (9): g_i = L'_i(φ_i). The tasks never mix, so the gradient of the summed loss with
+        # respect to copy i is task i's own gradient.
+        grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=False)
+        grads = dict(zip(fast, grads))
+        if optimizer == "sgd":
+            # Eq. (10): φ_{i+1} = φ_i − α g_i
+            u = {k: -inner_lr * g for k, g in grads.items()}
+        else:
+            # §6.1: Adam with β1 = 0; the same formula, elementwise rescaled
+            u, state = adam_update(grads, state, inner_lr, beta1)
+        with torch.no_grad():
+            fast = {k: v + u[k] for k, v in fast.items()}
+            metric = problem.metric(out, yb)
+        updates.append(u)
+    return {k: v.detach() for k, v in fast.items()}, updates, state, loss.detach(), metric
+
+
+def expand_state(state, tasks):
+    if state is None:
+        return None
+    return {"t": state["t"], "m": per_task(state["m"], tasks), "v": per_task(state["v"], tasks)}
+
+
+def meta_step(params, state, batch, schedule, problem, cfg, epsilon):
+    """One outer iteration on n = T tasks. Returns the new φ, the new inner-optimizer state, and
+    the per-task loss and metric of the last inner mini-batch (at φ_k, before its step).
+    Nothing passed in is modified."""
+    x, y, x_tail, y_tail = batch
+    T = x.shape[0]
+    if cfg.tail == "separate":
+        x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
+    fast, updates, new_state, loss, metric = adapt(
+        per_task(params, T), problem, x, y, schedule, cfg.inner_lr, cfg.inner_optimizer,
+        expand_state(state, T), cfg.adam_beta1)
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"the inner loss is {loss.sum().item()}")
+    chosen = parse_combination(cfg.combination, len(updates))
+    if chosen == list(range(len(updates))) and cfg.combine == "sum":
+        # Reptile: Σ_i u_i = φ̃ − φ, so the target is φ̃_i itself (Alg. 1 line 4)
+        target = fast
+    else:
+        # §6.2 / Eq. (38): φ moved by the chosen updates only, e.g. FOMAML: φ + u_k = φ − α g_k
+        scale = 1.0 / len(chosen) if cfg.combine == "mean" else 1.0
+        target = {k: params[k] + scale * sum(updates[i][k] for i in chosen) for k in params}
+    # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
+    # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
+    new_params = {k: torch.lerp(params[k], target[k].mean(0), epsilon) for k in params}
+    if new_state is not None:
+        # The n tasks ran side by side from the same statistics; the reference code runs them one
+        # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
+        new_state = {"t": new_state["t"], "m": {k: v.mean(0) for k, v in new_state["m"].items()},
+                     "v": {k: v.mean(0) for k, v in new_state["v"].items()}}
+    return new_params, new_state, loss, metric
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (§6.1): 50 inner steps on each test task's support set, then classify its queries
+# ---------------------------------------------------------------------------------------------
+
+def curve_steps(eval_steps, bn_mode="transductive"):
+    """Where the adaptation curve is measured. Nontransductive predictions run N·Q forward passes
+    of N·K + 1 images (20-way: 420 images per task, ten times the cost of an inner step), so
+    that mode is measured before and after adaptation only."""
+    if bn_mode == "nontransductive":
+        return sorted({0, eval_steps})
+    return sorted({s for s in (0, 1, 5, 10) if s <= eval_steps} | {eval_steps})
+
+
+def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
+    """Per-task metric after each step in curve_steps(): {bn_mode: (steps, tasks) array}.
+    Each task starts from φ and from a copy of the training-time Adam statistics; both are
+    functional inputs here, so they are exactly as they were afterwards (§6.1: 'we did backup and
+    reset the Adam statistics when evaluating on the test set to avoid information leakage'),
+    and no task can see another's adaptation."""
+    steps = {mode: curve_steps(cfg.eval_steps, mode) for mode in bn_modes}
+    g = torch.Generator().manual_seed(seed)   # the mini-batch order: the same for every model
+    rows = {mode: [[] for _ in steps[mode]] for mode in bn_modes}
+    for x_s, y_s, x_q, y_q in batches:
+        T = x_s.shape[0]
+        # drawn task by task, so that the order does not depend on --eval-chunk
+        per_task_schedules = [minibatch_schedule(1, x_s.shape[1], 0, cfg.eval_inner_batch, cfg.eval_steps,
+                                                 "shared", False, g) for _ in range(T)]
+        schedule = [torch.cat(parts) for parts in zip(*per_task_schedules)]
+        fast, task_state = per_task(params, T), expand_state(state, T)
+        for step in range(cfg.eval_steps + 1):
+            if step > 0:
+                fast, _, task_state, _, _ = adapt(fast, problem, x_s, y_s, schedule[step - 1:step],
+                                                       cfg.inner_lr, cfg.inner_optimizer, task_state,
+                                                       cfg.adam_beta1)
+            with torch.no_grad():
+                for mode in bn_modes:
+                    if step in steps[mode]:
+                        out = predict(fast, problem.forward, x_s, x_q, mode)
+                        rows[mode][steps[mode].index(step)].append(problem.metric(out, y_q).cpu())
+    return {mode: torch.stack([torch.cat(r) for r in rs]).numpy() for mode, rs in rows.items()}
+
+
+def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
+    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
+    return adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed + 1000)
+
+
+# ---- Below: what the paper does not contain: command line, data, checkpoints, training loop, plots ----
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -138,7 +314,7 @@ def build_parser():
     a("--meta-batch-size", type=int, default=None, help="n, tasks per meta-update, Eq. (5); 1 is "
       "Algorithm 1 (paper: 5; sinusoid demo: 1)")
     a("--iterations", type=int, default=None, help="outer iterations (paper: 100000 Omniglot 5-way and "
-      "MiniImageNet, 200000 20-way; sinusoid demo 30000)")
+      "MiniImageNet, 200000 20-way; sinusoid demo 30000); fixed on --resume, since ε is annealed to 0 over it")
     a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 10)")
     a("--val-tasks", type=int, default=100, help="validation tasks per validation")
     a("--test-tasks", type=int, default=600, help="meta-test tasks (paper: 600 in MAML; we report mean ± 95%% CI)")
@@ -223,11 +399,6 @@ def finalize_config(cfg):
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Functional models: maml.py's (every forward takes params with a leading task dimension T).
-# §4's regressor is the same MLP with 64 units; §6.1 uses MAML's convnet.
-# ---------------------------------------------------------------------------------------------
-
 def make_problems(cfg, device, splits):
     """Two samplers over the same tasks: meta-training episodes (train_shots per class, plus
     tail_shots held-out examples per class for a separate tail) and test episodes (K shots, and
@@ -257,274 +428,12 @@ def make_problems(cfg, device, splits):
     return problem, sampler.sample
 
 
-# ---------------------------------------------------------------------------------------------
-# The algorithm: inner loop (Alg. 1 line 4) and meta-update (Alg. 1 line 5, Eq. 5)
-# ---------------------------------------------------------------------------------------------
-
-def epsilon_at(cfg, iteration):
-    """App. A: 'we linearly annealed the outer step size to 0'. iteration counts from 0."""
-    return cfg.meta_step_size * (1.0 - iteration / cfg.iterations)
-
-
-def minibatch_schedule(tasks, n_train, n_tail, batch, steps, tail, replacement, generator):
-    """The k inner mini-batches of each task, as a list of `steps` index tensors (T, batch) into
-    the task's examples [train examples | tail examples].
-
-    Cycling (the default): shuffle the n_train examples, walk through them in batches, reshuffle
-    when they run out. replacement (§6.3): every batch is a fresh random draw. tail='separate'
-    (§6.3): the last batch is the n_tail held-out examples, disjoint from the earlier batches."""
-    batch = min(batch, n_train)
-    cycled = steps - 1 if tail == "separate" else steps
-    if replacement:
-        idx = [torch.rand(tasks, n_train, generator=generator).argsort(1)[:, :batch] for _ in range(cycled)]
-    else:
-        epochs = math.ceil(cycled * batch / n_train)
-        order = torch.cat([torch.rand(tasks, n_train, generator=generator).argsort(1)
-                           for _ in range(epochs)], 1)                 # (T, epochs * n_train)
-        idx = list(order[:, :cycled * batch].reshape(tasks, cycled, batch).unbind(1))
-    if tail == "separate":
-        idx.append(n_train + torch.arange(n_tail).expand(tasks, n_tail))
-    return idx
-
-
-def init_inner_state(params):
-    """Adam's statistics for the inner loop, shaped like φ. The paper never resets them during
-    training (§6.1) and keeps the step count running."""
-    return {"t": 0, "m": {k: torch.zeros_like(v) for k, v in params.items()},
-            "v": {k: torch.zeros_like(v) for k, v in params.items()}}
-
-
-def adam_update(grads, state, lr, beta1):
-    """One Adam step (Kingma & Ba 2015, Alg. 1) for per-task tensors. Returns the update u and
-    the new state; nothing is modified in place, so a caller's backup can never be touched."""
-    t = state["t"] + 1
-    m = {k: beta1 * state["m"][k] + (1 - beta1) * g for k, g in grads.items()}
-    v = {k: ADAM_BETA2 * state["v"][k] + (1 - ADAM_BETA2) * g * g for k, g in grads.items()}
-    c1, c2 = 1 - beta1 ** t, 1 - ADAM_BETA2 ** t
-    update = {k: -lr * (m[k] / c1) / ((v[k] / c2).sqrt() + ADAM_EPS) for k in grads}
-    return update, {"t": t, "m": m, "v": v}
-
-
-def inner_loop(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=0.0):
-    """Alg. 1 line 4: φ̃ = U^k_τ(φ), for T tasks at once. fast: (T, ...) tensors; x, y: (T, M, ...)
-    the tasks' examples; schedule: k index tensors (T, b). Returns φ̃, the updates u_i = φ_{i+1} − φ_i,
-    the new optimizer state (per task, (T, ...)) and the last batch's per-task loss and metric.
-
-    First order throughout: every gradient is taken at the current φ_i and treated as a constant
-    (create_graph=False), which is what makes this family cheap (§2)."""
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    updates = []
-    loss = metric = None
-    for idx in schedule:
-        idx = idx.to(x.device)
-        xb, yb = x[rows, idx], y[rows, idx]                           # (T, b, ...)
-        fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-        out = problem.forward(fast, xb)
-        loss = problem.loss(out, yb)                                  # (T,)
-        # Eq. (9): g_i = L'_i(φ_i). The tasks never mix, so the gradient of the summed loss with
-        # respect to copy i is task i's own gradient.
-        grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=False)
-        grads = dict(zip(fast, grads))
-        if optimizer == "sgd":
-            # Eq. (10): φ_{i+1} = φ_i − α g_i
-            u = {k: -inner_lr * g for k, g in grads.items()}
-        else:
-            # §6.1: Adam with β1 = 0; the same formula, elementwise rescaled
-            u, state = adam_update(grads, state, inner_lr, beta1)
-        with torch.no_grad():
-            fast = {k: v + u[k] for k, v in fast.items()}
-            metric = problem.metric(out, yb)
-        updates.append(u)
-    return {k: v.detach() for k, v in fast.items()}, updates, state, loss.detach(), metric
-
-
-def expand_state(state, tasks):
-    if state is None:
-        return None
-    return {"t": state["t"], "m": per_task(state["m"], tasks), "v": per_task(state["v"], tasks)}
-
-
-def meta_step(params, state, batch, schedule, problem, cfg, epsilon):
-    """One outer iteration on n = T tasks. Returns the new φ, the new inner-optimizer state, and
-    the per-task loss and metric of the last inner mini-batch (at φ_k, before its step).
-    Nothing passed in is modified."""
-    x, y, x_tail, y_tail = batch
-    T = x.shape[0]
-    if cfg.tail == "separate":
-        x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
-    fast, updates, new_state, loss, metric = inner_loop(
-        per_task(params, T), problem, x, y, schedule, cfg.inner_lr, cfg.inner_optimizer,
-        expand_state(state, T), cfg.adam_beta1)
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"the inner loss is {loss.sum().item()}")
-    chosen = parse_combination(cfg.combination, len(updates))
-    if chosen == list(range(len(updates))) and cfg.combine == "sum":
-        # Reptile: Σ_i u_i = φ̃ − φ, so the target is φ̃_i itself (Alg. 1 line 4)
-        target = fast
-    else:
-        # §6.2 / Eq. (38): φ moved by the chosen updates only, e.g. FOMAML: φ + u_k = φ − α g_k
-        scale = 1.0 / len(chosen) if cfg.combine == "mean" else 1.0
-        target = {k: params[k] + scale * sum(updates[i][k] for i in chosen) for k in params}
-    # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
-    # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
-    new_params = {k: torch.lerp(params[k], target[k].mean(0), epsilon) for k in params}
-    if new_state is not None:
-        # The n tasks ran side by side from the same statistics; the reference code runs them one
-        # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
-        new_state = {"t": new_state["t"], "m": {k: v.mean(0) for k, v in new_state["m"].items()},
-                     "v": {k: v.mean(0) for k, v in new_state["v"].items()}}
-    return new_params, new_state, loss, metric
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation (§6.1): 50 inner steps on each test task's support set, then classify its queries
-# ---------------------------------------------------------------------------------------------
-
-def curve_steps(eval_steps, bn_mode="transductive"):
-    """Where the adaptation curve is measured. Nontransductive predictions run N·Q forward passes
-    of N·K + 1 images (20-way: 420 images per task, ten times the cost of an inner step), so
-    that mode is measured before and after adaptation only."""
-    if bn_mode == "nontransductive":
-        return sorted({0, eval_steps})
-    return sorted({s for s in (0, 1, 5, 10) if s <= eval_steps} | {eval_steps})
-
-
-def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
-    """Per-task metric after each step in curve_steps(): {bn_mode: (steps, tasks) array}.
-    Each task starts from φ and from a copy of the training-time Adam statistics; both are
-    functional inputs here, so they are exactly as they were afterwards (§6.1: 'we did backup and
-    reset the Adam statistics when evaluating on the test set to avoid information leakage'),
-    and no task can see another's adaptation."""
-    steps = {mode: curve_steps(cfg.eval_steps, mode) for mode in bn_modes}
-    g = torch.Generator().manual_seed(seed)   # the mini-batch order: the same for every model
-    rows = {mode: [[] for _ in steps[mode]] for mode in bn_modes}
-    for x_s, y_s, x_q, y_q in batches:
-        T = x_s.shape[0]
-        # drawn task by task, so that the order does not depend on --eval-chunk
-        per_task_schedules = [minibatch_schedule(1, x_s.shape[1], 0, cfg.eval_inner_batch, cfg.eval_steps,
-                                                 "shared", False, g) for _ in range(T)]
-        schedule = [torch.cat(parts) for parts in zip(*per_task_schedules)]
-        fast, task_state = per_task(params, T), expand_state(state, T)
-        for step in range(cfg.eval_steps + 1):
-            if step > 0:
-                fast, _, task_state, _, _ = inner_loop(fast, problem, x_s, y_s, schedule[step - 1:step],
-                                                       cfg.inner_lr, cfg.inner_optimizer, task_state,
-                                                       cfg.adam_beta1)
-            with torch.no_grad():
-                for mode in bn_modes:
-                    if step in steps[mode]:
-                        out = predict(fast, problem.forward, x_s, x_q, mode)
-                        rows[mode][steps[mode].index(step)].append(problem.metric(out, y_q).cpu())
-    return {mode: torch.stack([torch.cat(r) for r in rs]).numpy() for mode, rs in rows.items()}
-
-
-def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
-    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
-    return adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed + 1000)
-
-
-def format_curve(curve, steps):
-    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
-
-
-def train_maml_sinusoid(cfg, iterations):
-    """The MAML panel of Fig. 1: maml.py's second-order MAML (1 step, α = 0.01, Adam 1e-3, 25
-    tasks, MAML §5.1) on the same 1→64→64→1 network and the same §4 tasks (10 points, loss on
-    the 50 even points). It is fine-tuned at test with its own α: MAML learns an initialization
-    for that step size, and Reptile's α = 0.02 makes its 32 steps diverge."""
-    from tqdm import tqdm
-    g = torch.Generator().manual_seed(cfg.seed + 200)
-    params = {k: v.requires_grad_() for k, v in
-              init_mlp([1, SINUSOID_HIDDEN, SINUSOID_HIDDEN, 1], g).items()}
-
-    def sample(split, tasks, generator):
-        b = data.sinusoid_tasks(tasks, 10, 50, generator, "reptile")
-        return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
-    problem = Problem(params, mlp_forward, mse_per_task, mse_per_task, "mse", sample)
-    mcfg = argparse.Namespace(inner_steps=1, inner_lr=MAML_SINUSOID_LR, first_order=False, task_chunk=None)
-    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    for _ in tqdm(range(iterations), desc="MAML for Fig. 1", dynamic_ncols=True, mininterval=0.5):
-        maml.meta_step(params, optimizer, problem, sample("train", 25, g), mcfg)
-    return {k: v.detach() for k, v in params.items()}
-
-
-def plot_sinusoid(path, cfg, problem, models):
-    """Fig. 1: one test sinusoid, 10 sampled points, each initialization before and after 32
-    steps of inner SGD. models: {name: (params, α)}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    b = data.sinusoid_tasks(1, cfg.shots, 1, g, "reptile")
-    while b["amplitude"][0] < 2.5:   # a wave tall enough to show the fit (A ~ U[0.1, 5])
-        b = data.sinusoid_tasks(1, cfg.shots, 1, g, "reptile")
-    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1)
-    truth = b["amplitude"] * torch.sin(grid - b["phase"])
-    schedule = minibatch_schedule(1, cfg.shots, 0, cfg.eval_inner_batch, cfg.eval_steps, "shared", False, g)
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False, sharey=True)
-    for ax, (name, (params, lr)) in zip(axes[0], models.items()):
-        params = {k: v.detach().cpu() for k, v in params.items()}
-        fast = per_task(params, 1)
-        after, _, _, _, _ = inner_loop(fast, problem, b["x_support"], b["y_support"], schedule, lr, "sgd")
-        with torch.no_grad():
-            ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--", label="before")
-            ax.plot(grid[0, :, 0], mlp_forward(after, grid)[0, :, 0], label=f"after {cfg.eval_steps}")
-        ax.plot(grid[0, :, 0], truth[0, :, 0], "k", lw=0.8, label="true")
-        ax.plot(b["x_support"][0, :, 0], b["y_support"][0, :, 0], "o", ms=4, label="sampled")
-        ax.set_title(f"{name} (α = {lr})", fontsize=9)
-        ax.set_ylim(-5, 5)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"saved {path}")
-
-
-def plot_curve(path, curves, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, curve in curves.items():
-        stats = [mean_ci(r) for r in curve]
-        ax.errorbar(curve_steps(cfg.eval_steps, mode), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=mode)
-    ax.set_xlabel("inner steps at test time")
-    ax.set_ylabel("query accuracy")
-    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
 # Flags that do not change what training computes, so they may differ on --resume / --load.
 # K (shots) is one of them: meta-training sees --train-shots, whatever K is at test time, so one
 # model serves 1-shot and 5-shot tests (App. A uses the same training for both). --iterations is
-# not one of them: ε is annealed to 0 over it.
-RUNTIME_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "maml_iterations",
-                 "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir", "eval_steps",
-                 "eval_inner_batch", "val_tasks", "query", "shots"}
-
-
-def merge_checkpoint_config(cfg, saved, given, eval_only):
-    """The checkpoint's config, with this invocation's flags from the command line. A training flag given
-    on the command line that contradicts the checkpoint is an error, not silently ignored."""
-    merged = argparse.Namespace(**saved)
-    for k, v in vars(cfg).items():
-        if k in maml.SESSION_FLAGS:   # about this invocation: always the command line's
-            setattr(merged, k, v)
-        elif k in RUNTIME_FLAGS or (eval_only and k == "iterations"):
-            if k in given or not hasattr(merged, k):
-                setattr(merged, k, v)
-        elif k in given and saved.get(k) != v:
-            why = " (ε is annealed to 0 over --iterations)" if k == "iterations" else ""
-            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved.get(k)}{why}")
-    return merged
-
-
+# not one of them: ε is annealed to 0 over it. maml.py merges the config, as for every script.
+OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
+                     "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots"}
 def train(cfg, problem, sample_train, state):
     """Alg. 1 / Eq. (5): meta-train φ."""
     device = torch.device(cfg.device)
@@ -593,9 +502,78 @@ def train(cfg, problem, sample_train, state):
     return checkpoint(cfg.iterations)
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+def format_curve(curve, steps):
+    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
+
+
+def train_maml_sinusoid(cfg, iterations):
+    """The MAML panel of Fig. 1: maml.py's second-order MAML (1 step, α = 0.01, Adam 1e-3, 25
+    tasks, MAML §5.1) on the same 1→64→64→1 network and the same §4 tasks (10 points, loss on
+    the 50 even points). It is fine-tuned at test with its own α: MAML learns an initialization
+    for that step size, and Reptile's α = 0.02 makes its 32 steps diverge."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(cfg.seed + 200)
+    params = {k: v.requires_grad_() for k, v in
+              init_mlp([1, SINUSOID_HIDDEN, SINUSOID_HIDDEN, 1], g).items()}
+
+    def sample(split, tasks, generator):
+        b = data.sinusoid_tasks(tasks, 10, 50, generator, "reptile")
+        return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
+    problem = Problem(params, mlp_forward, mse_per_task, mse_per_task, "mse", sample)
+    mcfg = argparse.Namespace(inner_steps=1, inner_lr=MAML_SINUSOID_LR, first_order=False, task_chunk=None)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+    for _ in tqdm(range(iterations), desc="MAML for Fig. 1", dynamic_ncols=True, mininterval=0.5):
+        maml.meta_step(params, optimizer, problem, sample("train", 25, g), mcfg)
+    return {k: v.detach() for k, v in params.items()}
+
+
+def plot_sinusoid(path, cfg, problem, models):
+    """Fig. 1: one test sinusoid, 10 sampled points, each initialization before and after 32
+    steps of inner SGD. models: {name: (params, α)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    b = data.sinusoid_tasks(1, cfg.shots, 1, g, "reptile")
+    while b["amplitude"][0] < 2.5:   # a wave tall enough to show the fit (A ~ U[0.1, 5])
+        b = data.sinusoid_tasks(1, cfg.shots, 1, g, "reptile")
+    grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1)
+    truth = b["amplitude"] * torch.sin(grid - b["phase"])
+    schedule = minibatch_schedule(1, cfg.shots, 0, cfg.eval_inner_batch, cfg.eval_steps, "shared", False, g)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False, sharey=True)
+    for ax, (name, (params, lr)) in zip(axes[0], models.items()):
+        params = {k: v.detach().cpu() for k, v in params.items()}
+        fast = per_task(params, 1)
+        after, _, _, _, _ = adapt(fast, problem, b["x_support"], b["y_support"], schedule, lr, "sgd")
+        with torch.no_grad():
+            ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--", label="before")
+            ax.plot(grid[0, :, 0], mlp_forward(after, grid)[0, :, 0], label=f"after {cfg.eval_steps}")
+        ax.plot(grid[0, :, 0], truth[0, :, 0], "k", lw=0.8, label="true")
+        ax.plot(b["x_support"][0, :, 0], b["y_support"][0, :, 0], "o", ms=4, label="sampled")
+        ax.set_title(f"{name} (α = {lr})", fontsize=9)
+        ax.set_ylim(-5, 5)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"saved {path}")
+
+
+def plot_curve(path, curves, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode, curve in curves.items():
+        stats = [mean_ci(r) for r in curve]
+        ax.errorbar(curve_steps(cfg.eval_steps, mode), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=mode)
+    ax.set_xlabel("inner steps at test time")
+    ax.set_ylabel("query accuracy")
+    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"saved {path}")
+
 
 def main(argv=None):
     maml.keep_freed_memory()
@@ -609,7 +587,10 @@ def main(argv=None):
     if saved and "inner_state" not in saved:
         raise SystemExit(f"error: {source} is not a reptile.py checkpoint (no inner_state); "
                          f"evaluate maml.py checkpoints with maml.py --eval-only")
-    cfg = merge_checkpoint_config(args, saved["config"], given, args.eval_only) if saved else args
+    if saved:   # --iterations may change only for a test: ε is annealed to 0 over it
+        overridable = OVERRIDABLE_FLAGS | ({"iterations"} if args.eval_only else set())
+        args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS, overridable)
+    cfg = args
     cfg = finalize_config(cfg)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     seed_everything(cfg.seed)
