@@ -328,7 +328,7 @@ def make_locomotion(name, horizon):
 
 def task_vectors(tasks):
     """The oracle's extra input: each task's parameters as a vector, (tasks, d)."""
-    return torch.tensor([np.hstack(list(t.values())) for t in tasks], dtype=torch.float32)
+    return torch.from_numpy(np.array([np.hstack(list(t.values())) for t in tasks], dtype=np.float32))
 
 
 def task_family(name):
@@ -440,10 +440,12 @@ def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling", o
         rec = {k: [] for k in ("obs", "actions", "means", "rewards", "mask")}
         noise = torch.randn(horizon, per_round, K, params["log_std"].shape[-1], generator=generator)
         std = p["log_std"].exp().unsqueeze(1)                          # (R, 1, A)
+        if oracle:
+            seen_task = task_vectors([tasks[i] for i in slots]).unsqueeze(1).expand(-1, K, -1)   # (R, K, d)
         for t in range(horizon):
             o = torch.from_numpy(np.asarray(obs, dtype=np.float32)).reshape(per_round, K, -1)
             if oracle:
-                o = torch.cat([o, task_vectors([tasks[i] for i in slots]).unsqueeze(1).expand(-1, K, -1)], -1)
+                o = torch.cat([o, seen_task], -1)
             mean = policy_forward(p, o)[0]                              # (R, K, A)
             action = mean + std * noise[t]
             obs, reward, terminated, truncated, _ = envs.step(action.reshape(envs.num_envs, -1).numpy())

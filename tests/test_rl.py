@@ -499,3 +499,56 @@ def test_the_plumbing_imports_no_algorithm_file(plumbing):
     import re
     source = (ROOT / plumbing).read_text()
     assert not re.search(r"^\s*(import|from)\s+(maml|anil|nil|reptile)\b", source, re.M)
+
+
+def test_the_test_samples_eval_episodes_trajectories_per_step(monkeypatch):
+    """§5.3: 'up to 4 gradient updates, each with 40 samples' at test time."""
+    seen = []
+    real = rl.sample
+
+    def counting(envs, params, tasks, episodes, *args, **kw):
+        seen.append(episodes)
+        return real(envs, params, tasks, episodes, *args, **kw)
+    monkeypatch.setattr(rl, "sample", counting)
+    r = maml.main(["--env", "navigation2d", "--iterations", "1", "--meta-batch-size", "2", "--episodes", "2",
+                   "--horizon", "5", "--test-tasks", "2", "--val-tasks", "2", "--eval-steps", "2"])
+    assert r["config"]["eval_episodes"] == 40
+    assert seen[-3:] == [40, 40, 40] and 40 not in seen[:-3]     # training and validation use K = 2
+
+
+def test_the_oracle_observation_carries_the_task():
+    env = rl.Navigation2DVectorEnv(4, horizon=3)
+    params = rl.init_policy(4, 2, torch.Generator().manual_seed(0))
+    tasks = [{"goal": (0.3, -0.2)}, {"goal": (-0.1, 0.4)}]
+    ep = rl.sample(env, rl.per_task(params, 2), tasks, 2, 3, torch.Generator().manual_seed(0), oracle=True)
+    assert ep.obs.shape == (2, 2, 3, 4)
+    for t, task in enumerate(tasks):
+        assert torch.equal(ep.obs[t, :, :, 2:], torch.tensor(task["goal"], dtype=torch.float32).expand(2, 3, 2))
+
+
+def test_the_pretrained_meta_step_is_trpo_on_the_pooled_batch_without_an_inner_loop():
+    """With no_inner_loop, meta_iteration's TRPO step equals trpo_step on the surrogate of the
+    batch D_i itself, sampled by θ: the plain policy-gradient/TRPO baseline of Fig. 4/5."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(episodes=3, horizon=8, gamma=0.99, gae_lambda=1.0, inner_lr=0.1, first_order=False,
+                          max_kl=0.01, cg_iters=10, cg_damping=1e-5, ls_steps=15, ls_ratio=0.8,
+                          hvp="gauss-newton", compare="pretrained")
+    tasks = rl.Navigation2DVectorEnv.sample_tasks(2, np.random.default_rng(0))
+    init = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
+    a = {k: v.clone().requires_grad_() for k, v in init.items()}
+    rl.meta_iteration(a, rl.no_inner_loop, rl.make_vector_env("navigation2d", 6, 8), tasks, cfg,
+                      torch.Generator().manual_seed(3), torch.device("cpu"))
+    # by hand: the same episodes, TRPO on their surrogate at θ itself
+    g = torch.Generator().manual_seed(3)
+    ep = rl.compute_advantages(rl.sample(rl.make_vector_env("navigation2d", 6, 8), rl.per_task(init, 2), tasks, 3, 8, g),
+                               0.99, 1.0)
+    b = {k: v.clone().requires_grad_() for k, v in init.items()}
+    with torch.no_grad():
+        old = rl.policy_forward(rl.per_task(init, 2), rl.flat_obs(ep))
+
+    def objective(p, create_graph):
+        return (*rl.surrogate_and_kl(rl.per_task(p, 2), ep, old), ep.mask.flatten(1))
+    rl.trpo_step(b, objective, 0.01, 10, 1e-5, 15, 0.8)
+    for k in init:
+        torch.testing.assert_close(a[k], b[k])
+    assert any(not torch.equal(a[k], init[k]) for k in init)
