@@ -33,10 +33,10 @@ import anil
 import maml
 from maml import mean_ci, per_task, predict, task_batches
 
-# ---------------------------------------------------------------------------------------------
-# Config: anil.py's training flags, plus the head/body study
-# ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# The paper's numbers, for the printouts (Table 1 bottom, Table 5)
+# ---------------------------------------------------------------------------------------------
 # Table 1 (bottom) and Table 5, for the printout: MiniImageNet 5w1s / 5w5s, Omniglot 20w1s.
 PAPER_NIL = {"omniglot-20": "MAML 93.7 ± 0.7, ANIL 96.2 ± 0.5, NIL 96.7 ± 0.3 (Omniglot 20-way 1-shot)",
              "miniimagenet-1": "MAML 46.9 ± 0.2, ANIL 46.7 ± 0.4, NIL 48.0 ± 0.7",
@@ -46,30 +46,10 @@ PAPER_TABLE5 = {("MAML training", "MAML head"): "46.9 / 63.1", ("MAML training",
                 ("Multiclass pretrain", "MAML head"): "38.4 / 54.6", ("Multiclass pretrain", "NIL head"): "39.7 / 54.4",
                 ("Multitask pretrain", "MAML head"): "26.5 / 32.8", ("Multitask pretrain", "NIL head"): "26.5 / 34.2",
                 ("Random features", "MAML head"): "32.1 / 43.1", ("Random features", "NIL head"): "32.9 / 43.2"}
-NIL_FLAGS = {"head_body", "maml_checkpoint", "pretrain_iterations", "pretrain_batch", "head_iterations"}
-
-
-def build_parser():
-    p = maml.build_parser()
-    p.description = ("NIL (Raghu et al. 2020): ANIL training, then at test time no head and no inner loop: "
-                     "each query takes the support labels weighted by a softmax over cosine similarities of "
-                     "body features (§5). Flags left unset take MAML's paper values (App. C).")
-    p.set_defaults(dataset="omniglot")         # NIL is a classifier: no sinusoid
-    a = p.add_argument
-    a("--head-body", action="store_true", help="App. F, Table 5: bodies from MAML / ANIL training, multiclass "
-      "pretraining, multitask training and random init, each with a MAML head and a NIL head")
-    a("--maml-checkpoint", default=None, help="maml.py checkpoint tested on the same tasks: next to ANIL and NIL, "
-      "and as the 'MAML training' rows of --head-body")
-    a("--pretrain-iterations", type=int, default=1000, help="--head-body: Adam steps of multiclass and multitask "
-      "training of a body (paper: not stated)")
-    a("--pretrain-batch", type=int, default=64, help="--head-body: images per multiclass pretraining step")
-    a("--head-iterations", type=int, default=500, help="--head-body: meta-iterations that train a new N-way head "
-      "with MAML on a frozen body (App. F: 'train that [head] with MAML')")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
-# NIL's test-time classifier (§5)
+# NIL's test-time classifier (§5): ANIL's body, no head, the cosine vote
 # ---------------------------------------------------------------------------------------------
 
 def cosine_classify(f_s, y_s, f_q, ways):
@@ -167,18 +147,6 @@ def train_head(cfg, problem, net, body, generator):
     return frozen | {k: v.detach() for k, v in head.items()}
 
 
-def load_maml(cfg, problem):
-    """The --maml-checkpoint's params, and this config with that checkpoint's α and test steps."""
-    saved = maml.load_checkpoint(cfg.maml_checkpoint)
-    if saved.get("algorithm", "maml") != "maml" or set(saved["params"]) != set(problem.params) or any(
-            saved["params"][k].shape != v.shape for k, v in problem.params.items()):
-        raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
-                         f"(dataset {cfg.dataset}, ways {cfg.ways})")
-    own = argparse.Namespace(**{**vars(cfg), "inner_lr": saved["config"]["inner_lr"],
-                                "eval_steps": saved["config"]["eval_steps"]})
-    return {k: v.to(cfg.device) for k, v in saved["params"].items()}, own
-
-
 def head_body_table(cfg, problem, net, splits, init, trained, algorithm):
     """Table 5 on the same test tasks. `trained` is this run's ANIL (or MAML) model; `init` the
     seed's initialization, where the multiclass and multitask bodies start and the random body stays."""
@@ -214,9 +182,41 @@ def head_body_table(cfg, problem, net, splits, init, trained, algorithm):
     return {f"{b} / {h}": mean_ci(v) for (b, h), v in rows.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# ---- Below: what the paper does not contain: command line, checkpoints (training is maml.train with anil.adapt) ----
+
+NIL_FLAGS = {"head_body", "maml_checkpoint", "pretrain_iterations", "pretrain_batch", "head_iterations"}
+
+
+def build_parser():
+    p = maml.build_parser()
+    p.description = ("NIL (Raghu et al. 2020): ANIL training, then at test time no head and no inner loop: "
+                     "each query takes the support labels weighted by a softmax over cosine similarities of "
+                     "body features (§5). Flags left unset take MAML's paper values (App. C).")
+    p.set_defaults(dataset="omniglot")         # NIL is a classifier: no sinusoid
+    a = p.add_argument
+    a("--head-body", action="store_true", help="App. F, Table 5: bodies from MAML / ANIL training, multiclass "
+      "pretraining, multitask training and random init, each with a MAML head and a NIL head")
+    a("--maml-checkpoint", default=None, help="maml.py checkpoint tested on the same tasks: next to ANIL and NIL, "
+      "and as the 'MAML training' rows of --head-body")
+    a("--pretrain-iterations", type=int, default=1000, help="--head-body: Adam steps of multiclass and multitask "
+      "training of a body (paper: not stated)")
+    a("--pretrain-batch", type=int, default=64, help="--head-body: images per multiclass pretraining step")
+    a("--head-iterations", type=int, default=500, help="--head-body: meta-iterations that train a new N-way head "
+      "with MAML on a frozen body (App. F: 'train that [head] with MAML')")
+    return p
+
+
+def load_maml(cfg, problem):
+    """The --maml-checkpoint's params, and this config with that checkpoint's α and test steps."""
+    saved = maml.load_checkpoint(cfg.maml_checkpoint)
+    if saved.get("algorithm", "maml") != "maml" or set(saved["params"]) != set(problem.params) or any(
+            saved["params"][k].shape != v.shape for k, v in problem.params.items()):
+        raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
+                         f"(dataset {cfg.dataset}, ways {cfg.ways})")
+    own = argparse.Namespace(**{**vars(cfg), "inner_lr": saved["config"]["inner_lr"],
+                                "eval_steps": saved["config"]["eval_steps"]})
+    return {k: v.to(cfg.device) for k, v in saved["params"].items()}, own
+
 
 def main(argv=None):
     maml.keep_freed_memory()
