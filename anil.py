@@ -2,8 +2,8 @@
 
 Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Understanding the
 Effectiveness of MAML", ICLR 2020. The model, data, evaluation and checkpoints are maml.py's
-(imported, not copied), and train() is maml.train's loop with ANIL's meta-step, so the lines that
-differ from maml.py are the paper's idea (compare adapt() with maml.adapt):
+(imported, not copied), and training is maml.train with ANIL's adapt() passed in, so the lines
+that differ from maml.py are the paper's idea (diff adapt() against maml.adapt: same arguments):
 
     App. E.1          θ'_m = (θ_1, ..., θ_{l-1}, (θ_l)_{m-1} − α ∇θ_l L_S): the head alone adapts  adapt()
     App. A            L_meta(θ) = Σ_b L_Z_b(f_θ'_m), the outer loop updates every layer       meta_loss()
