@@ -136,6 +136,7 @@ def build_parser(prog, algorithm):
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
     a("--plot", nargs="?", const="auto", default=None,
       help="save the return against gradient steps (Fig. 4/5); needs matplotlib")
+    a("--last", action="store_true", help="test the last iterate instead of the best validated model (A.2)")
     a("--plot-with", nargs="+", default=None, metavar="JSON",
       help="with --plot: also draw the test curves of these runs (their --out files), e.g. MAML beside ANIL")
     return p
@@ -845,7 +846,8 @@ def train(cfg, state, test_adapt, algorithm):
     return checkpoint(cfg.iterations)
 
 
-SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs"}
+SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs",
+                 "last"}
 OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr"}
 
 
@@ -887,8 +889,8 @@ def run(cfg, saved, inner_adapt, algorithm):
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     best = state.get("best")
-    chosen = best["params"] if best else state["params"]
-    if best:
+    chosen = best["params"] if best and not cfg.last else state["params"]
+    if best and not cfg.last:
         print(f"best model: iteration {best['iteration']}, validation return after one step {best['val_return']:.3f}")
         results["best_iteration"] = best["iteration"]
     params = {k: v.to(device) for k, v in chosen.items()}
