@@ -232,8 +232,11 @@ def _to_class_images(images, counts, names):
 
 
 def _read_image(data, size, channels, invert=False):
-    """Decode one image file (bytes or path), resize to size x size with LANCZOS as the MAML
-    reference code does, and return (C, H, W) uint8."""
+    """Decode one image file (bytes or path), resize to size x size, and return (C, H, W) uint8.
+    Converted to grayscale or RGB first, then resized with LANCZOS, so Omniglot's 1-bit strokes
+    become smooth 28x28 images, as in learn2learn. cbfinn/maml asks for LANCZOS too, but on the
+    1-bit image itself, which Pillow resizes by nearest neighbour whatever filter is asked: the
+    reference trains on binary 28x28 images (README, differences table)."""
     from PIL import Image
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     img = img.convert("L" if channels == 1 else "RGB")
