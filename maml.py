@@ -64,9 +64,10 @@ PAPER_SETTINGS = {
     # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
     "omniglot-20way": dict(inner_lr=0.1, inner_steps=5, eval_steps=5, meta_batch_size=16,
                            outer_lr=1e-3, iterations=60000, task_chunk=4, eval_chunk=10),
-    # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot)
+    # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot);
+    # the reference code clips the meta-gradient to ±10 here (cbfinn/maml maml.py, clip_by_value)
     "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
-                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_chunk=1),
+                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_chunk=1, clip_grad=10.0),
 }
 # task_chunk and eval_chunk change speed and memory only, not the result: how many tasks run as
 # one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
@@ -245,6 +246,9 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
         (loss * weight).backward()
         total += loss.item() * weight
         metrics.append(metric)
+    if getattr(cfg, "clip_grad", None):         # the reference code's MiniImageNet setting
+        for p in params.values():
+            p.grad.clamp_(-cfg.clip_grad, cfg.clip_grad)
     optimizer.step()
     return total, torch.cat(metrics).mean().item()
 
@@ -390,6 +394,8 @@ def build_parser():
     a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
     a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
+    a("--clip-grad", type=float, default=None, help="clip each meta-gradient entry to ±this before Adam "
+      "(cbfinn/maml: 10 on MiniImageNet, none on Omniglot and the sinusoid; the paper does not say)")
     a("--first-order", action="store_true", help="first-order MAML (§5.2): the inner gradient is a constant, "
       "no second derivatives (anil.py, nil.py: the head's inner gradient)")
     a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "

@@ -250,3 +250,17 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_heap(tmp_path):
            .stdout.split() for mode in ("default", "keep")}
     assert run["default"] == ["None", "True", "False"]
     assert run["keep"] == ["True", "False", "True"]
+
+
+def test_clip_grad_clamps_every_meta_gradient_entry():
+    """--clip-grad c (the reference's MiniImageNet setting): Adam sees the gradient clamped to ±c."""
+    problem = mlp_problem(dtype=torch.float32)
+    batch = sinusoid_batch(dtype=torch.float32)
+    for clip in (None, 1e-3):
+        params = {k: v.clone().requires_grad_() for k, v in problem.params.items()}
+        opt = torch.optim.SGD(params.values(), lr=0.0)
+        cfg = SimpleNamespace(inner_steps=1, inner_lr=0.05, first_order=False, task_chunk=None, clip_grad=clip)
+        maml.meta_step(params, opt, problem, batch, cfg)
+        biggest = max(p.grad.abs().max().item() for p in params.values())
+        assert (biggest <= 1e-3) if clip else (biggest > 1e-3)
+    assert maml.paper_settings("miniimagenet", 5, 1)["clip_grad"] == 10.0
