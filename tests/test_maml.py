@@ -262,5 +262,5 @@ def test_clip_grad_clamps_every_meta_gradient_entry():
         cfg = SimpleNamespace(inner_steps=1, inner_lr=0.05, first_order=False, task_chunk=None, clip_grad=clip)
         maml.meta_step(params, opt, problem, batch, cfg)
         biggest = max(p.grad.abs().max().item() for p in params.values())
-        assert (biggest <= 1e-3) if clip else (biggest > 1e-3)
+        assert (biggest <= 1.000001e-3) if clip else (biggest > 1e-2)   # float32 rounding of 1e-3
     assert maml.paper_settings("miniimagenet", 5, 1)["clip_grad"] == 10.0
