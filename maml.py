@@ -21,7 +21,7 @@ Symbols, named the same in every script of this project:
     Q   query            query examples per class for the meta-update (D'_i)
     T   meta_batch_size  tasks per meta-update
 
-Run:    python maml.py            (sinusoid regression, CPU, about 1.5 minutes)
+Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes)
         python maml.py --env navigation2d   (meta-RL, Alg. 3; see rl.py)
         python maml.py --help     (every flag with its paper symbol and value)
 """
@@ -73,7 +73,7 @@ PAPER_SETTINGS = {
 # one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
 # at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
 # 75 BatchNorm groups per task.
-# `python maml.py` with no arguments must finish in about 3 minutes on 2 CPU cores; --full
+# `python maml.py` with no arguments takes about 3.5 minutes on one CPU thread (README); --full
 # gives the paper's 70k iterations.
 QUICK_SINUSOID_ITERATIONS = 30000
 def paper_settings(dataset, ways, shots):
