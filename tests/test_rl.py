@@ -552,3 +552,22 @@ def test_the_pretrained_meta_step_is_trpo_on_the_pooled_batch_without_an_inner_l
     for k in init:
         torch.testing.assert_close(a[k], b[k])
     assert any(not torch.equal(a[k], init[k]) for k in init)
+
+
+@pytest.mark.parametrize("compare, fine_tuned", [("oracle", False), ("pretrained", True), ("random", True)])
+def test_only_the_oracle_is_never_fine_tuned(compare, fine_tuned, monkeypatch):
+    """§5.3: the baselines (a) pretrained and (b) random are fine-tuned at test time; the oracle,
+    the upper bound, is not. Record the policy each evaluation step samples with."""
+    policies = []
+    real = rl.sample
+
+    def recording(envs, params, *args, **kw):
+        policies.append({k: v.clone() for k, v in params.items()})
+        return real(envs, params, *args, **kw)
+    monkeypatch.setattr(rl, "sample", recording)
+    maml.main(["--env", "navigation2d", "--compare", compare, "--iterations", "1", "--meta-batch-size", "2",
+               "--episodes", "2", "--horizon", "5", "--test-tasks", "2", "--val-tasks", "2", "--eval-steps", "2",
+               "--eval-episodes", "2"])
+    test = policies[-3:]   # steps 0, 1, 2 of the test curve
+    changed = [any(not torch.equal(test[s][k], test[0][k]) for k in test[0]) for s in (1, 2)]
+    assert changed == [fine_tuned, fine_tuned]
