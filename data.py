@@ -120,7 +120,7 @@ class EpisodeSampler:
     Support and query images of a class are distinct images (one draw without replacement).
     """
 
-    def __init__(self, split, ways, shots, query, device="cpu", split_name="split"):
+    def __init__(self, split, ways, shots, query, device="cpu", split_name="split", rotate_tasks=False):
         if ways < 1 or shots < 1 or query < 0:
             raise ValueError(f"need ways >= 1, shots >= 1, query >= 0; got {ways}, {shots}, {query}")
         if ways > split.num_classes:
@@ -132,7 +132,7 @@ class EpisodeSampler:
             raise DataError(f"shots + query = {shots} + {query} = {shots + query} is more than the "
                             f"{smallest} images of class {split.names[c]!r} in the {split_name} split; "
                             f"lower --shots or --query")
-        self.ways, self.shots, self.query = ways, shots, query
+        self.ways, self.shots, self.query, self.rotate_tasks = ways, shots, query, rotate_tasks
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.offsets, self.counts = split.offsets, split.counts
@@ -157,6 +157,10 @@ class EpisodeSampler:
         picks = keys.argsort(dim=2)[:, :, :K + Q]                                 # (T, N, K+Q)
         rows = (self.offsets[classes][..., None] + picks).to(self.device)
         x = self.images[rows].float().div_(255.0)                                 # (T, N, K+Q, C, H, W)
+        if self.rotate_tasks:
+            # cbfinn/maml data_generator.py: each class of a task turned by its own random k·90°
+            k = torch.randint(4, (T, N, 1, 1, 1, 1), generator=generator).to(self.device)
+            x = sum(torch.rot90(x, r, (-2, -1)) * (k == r) for r in range(4))
         shape = x.shape[3:]
         x_support = x[:, :, :K].reshape(T, N * K, *shape)
         x_query = x[:, :, K:].reshape(T, N * Q, *shape)
@@ -377,16 +381,16 @@ def load_omniglot_characters(root=None, download=True):
     return _to_class_images(images, counts, names)
 
 
-def load_omniglot(root=None, seed=0, rotate_eval=False, download=True):
+def load_omniglot(root=None, seed=0, rotate_eval=False, download=True, rotated_classes=True):
     """Omniglot split by character into train/val/test (1100/100/423 for all 1623, else the
     same proportions), by a seeded permutation. Training classes are augmented with 90°, 180°
-    and 270° rotations as new classes (Santoro et al. 2016; MAML §5.2); evaluation classes are
-    rotated only when rotate_eval is set."""
+    and 270° rotations as new classes (Santoro et al. 2016; MAML §5.2) unless rotated_classes is
+    False; evaluation classes are rotated only when rotate_eval is set."""
     chars = load_omniglot_characters(root, download)
     counts = split_counts(chars.num_classes)
     ids = seeded_class_split(chars.num_classes, counts, seed)
     rot_all, rot_none = (0, 1, 2, 3), (0,)
-    splits = {"train": chars.subset(ids[0], rot_all),
+    splits = {"train": chars.subset(ids[0], rot_all if rotated_classes else rot_none),
               "val": chars.subset(ids[1], rot_all if rotate_eval else rot_none),
               "test": chars.subset(ids[2], rot_all if rotate_eval else rot_none)}
     print(f"Omniglot split (seed {seed}): {counts[0]} / {counts[1]} / {counts[2]} characters "

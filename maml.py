@@ -414,6 +414,8 @@ def build_parser():
       help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
       "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
     a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
+    a("--rotate-tasks", action="store_true", help="Omniglot as cbfinn/maml: no rotated classes; each class of "
+      "every task, in training and test, is turned by its own random multiple of 90°")
     a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
     a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
     a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
@@ -496,7 +498,8 @@ def make_problem(cfg, device, splits=None):
             print(f"note: the val split has {split.num_classes} classes, fewer than ways={cfg.ways}; "
                   f"validation is skipped (--rotate-eval adds rotated val/test classes)")
             continue
-        samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name)
+        samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name,
+                                             cfg.rotate_tasks)
     channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
     max_pool = cfg.dataset != "omniglot"
     hidden = 64 if cfg.dataset == "omniglot" else 32
@@ -515,7 +518,8 @@ def load_splits(cfg):
     if cfg.dataset == "sinusoid":
         return None
     if cfg.dataset == "omniglot":
-        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval)
+        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval,
+                                    rotated_classes=not cfg.rotate_tasks)
     elif cfg.dataset == "miniimagenet":
         splits = data.load_miniimagenet(cfg.data_dir)
     else:

@@ -323,6 +323,8 @@ def build_parser():
       help="BatchNorm statistics at test time (§6.1): the whole query batch (transductive), the "
       "support set plus one query (nontransductive), or report both; validation uses transductive")
     a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
+    a("--rotate-tasks", action="store_true", help="Omniglot as cbfinn/maml: no rotated classes; each class of "
+      "every task, in training and test, is turned by its own random multiple of 90°")
     a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
     a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
     a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
@@ -421,7 +423,8 @@ def make_problems(cfg, device, splits):
     # a tail of 2 are 8 examples per class for the first k − 1 batches and 2 for the last.
     tail = cfg.tail_shots if cfg.tail == "separate" else 0
     try:
-        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.train_shots - tail, tail, device, "train")
+        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.train_shots - tail, tail, device, "train",
+                                      cfg.rotate_tasks)
     except data.DataError as e:
         raise data.DataError(f"{e} (meta-training episodes use --train-shots {cfg.train_shots} per "
                              f"class, {tail} of them the separate tail)") from None

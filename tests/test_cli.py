@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import data
 import maml
 from conftest import ROOT
 
@@ -32,7 +33,7 @@ def test_sinusoid_cli(tmp_path):
     assert set(r["test"]) == {"K=5", "K=10", "K=20"} and len(r["test"]["K=5"]["maml"]) == 11
 
 
-@pytest.mark.parametrize("extra", [[], ["--first-order", "--bn-mode", "nontransductive"]])
+@pytest.mark.parametrize("extra", [[], ["--first-order", "--bn-mode", "nontransductive"], ["--rotate-tasks"]])
 def test_omniglot_cli(omniglot_dir, tmp_path, extra):
     out = tmp_path / "r.json"
     p = run("--dataset", "omniglot", "--data-dir", omniglot_dir, "--ways", "3", *TINY, *extra, "--out", out)
@@ -40,6 +41,8 @@ def test_omniglot_cli(omniglot_dir, tmp_path, extra):
     r = json.loads(out.read_text())
     assert r["config"]["query"] == 1 and r["config"]["inner_lr"] == 0.4   # the 5-way paper settings
     assert 0 <= r["test"]["accuracy"] <= 1
+    n_train = data.split_counts(30)[0]   # the fixture's 30 characters
+    assert f"-> {n_train * (1 if extra == ['--rotate-tasks'] else 4)} /" in p.stdout
 
 
 def test_miniimagenet_cli(mini_dir):

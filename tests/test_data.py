@@ -122,6 +122,26 @@ def test_omniglot_zip_reading_split_and_rotations(omniglot_dir):
     assert data.load_omniglot(omniglot_dir, rotate_eval=True)["test"].num_classes == 4 * n_test
 
 
+def test_per_task_rotation_turns_each_class_of_a_task_by_one_multiple_of_90_degrees(omniglot_dir):
+    """cbfinn/maml's augmentation (--rotate-tasks): no rotated classes; the same episode as without
+    rotation, with all K + Q images of a class (K = 1, Q = 3 here) turned by that class's own k·90°."""
+    plain = data.load_omniglot(omniglot_dir, seed=0, rotated_classes=False)
+    assert plain["train"].num_classes == data.split_counts(30)[0]
+    sampler = data.EpisodeSampler(plain["train"], 5, 1, 3)
+    turned = data.EpisodeSampler(plain["train"], 5, 1, 3, rotate_tasks=True)
+    a = sampler.sample(8, torch.Generator().manual_seed(0))
+    b = turned.sample(8, torch.Generator().manual_seed(0))   # same classes and images: k is drawn after them
+    seen = set()
+    for t in range(8):
+        for c in range(5):
+            xa = torch.cat([a[0][t, c:c + 1], a[2][t, c * 3:(c + 1) * 3]])
+            xb = torch.cat([b[0][t, c:c + 1], b[2][t, c * 3:(c + 1) * 3]])
+            ks = [k for k in range(4) if torch.equal(xb, torch.rot90(xa, k, (-2, -1)))]
+            assert ks, "a class's images are not one rotation of the unrotated ones"
+            seen.add(ks[0])
+    assert seen == {0, 1, 2, 3}
+
+
 def test_omniglot_cache_and_folders_and_duplicates(tmp_path):
     root = make_omniglot(tmp_path / "o", as_zip=True)
     first = data.load_omniglot_characters(root)

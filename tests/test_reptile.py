@@ -358,7 +358,7 @@ def test_sinusoid_cli_and_figure(tmp_path):
     [],                                                                     # Reptile, Adam, both BN modes
     ["--algorithm", "fomaml", "--inner-optimizer", "sgd", "--inner-lr", "0.1", "--bn-mode", "nontransductive"],
     ["--algorithm", "fomaml", "--tail", "shared", "--replacement", "--bn-mode", "transductive"],
-    ["--combination", "g1+g2", "--combine", "mean", "--adam-beta1", "0.5"],
+    ["--combination", "g1+g2", "--combine", "mean", "--adam-beta1", "0.5", "--rotate-tasks"],
 ])
 def test_omniglot_cli(omniglot_dir, tmp_path, extra):
     out = tmp_path / "r.json"
