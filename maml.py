@@ -49,42 +49,38 @@ import data
 # ---------------------------------------------------------------------------------------------
 # The paper's settings (§5.1, Appendix A.1)
 # ---------------------------------------------------------------------------------------------
-# The loss is averaged over the support set, as PyTorch ports do. The reference code
-# (cbfinn/maml) sums the cross-entropy over the N·K support examples and divides by K, i.e.
-# N times our mean, so its α equals N·α in our convention. We keep the paper's α values as
-# printed; the README shows both conventions. Regression uses the mean squared error in both.
+# The loss is averaged over the support set. cbfinn/maml sums the cross-entropy over the N·K
+# support examples and divides by K (N times our mean), so its α is N·α here; we keep the paper's α
+# as printed (README: the α convention).
 PAPER_SETTINGS = {
     # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
     "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
-                     meta_batch_size=25, outer_lr=1e-3, iterations=70000, task_chunk=25, eval_chunk=100),
+                     meta_batch_size=25, outer_lr=1e-3, iterations=70000),
     # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, evaluated with 3 steps; 60k iterations.
     # The reference code uses K query examples per class (D'_i as large as D_i).
     "omniglot-5way": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch_size=32,
-                          outer_lr=1e-3, iterations=60000, task_chunk=32, eval_chunk=50),
+                          outer_lr=1e-3, iterations=60000),
     # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
     "omniglot-20way": dict(inner_lr=0.1, inner_steps=5, eval_steps=5, meta_batch_size=16,
-                           outer_lr=1e-3, iterations=60000, task_chunk=4, eval_chunk=10),
+                           outer_lr=1e-3, iterations=60000),
     # A.1: 5 steps, α = 0.01, 10 steps at test, 15 queries per class, meta-batch 4 (1-shot) / 2 (5-shot);
     # the reference code clips the meta-gradient to ±10 here (cbfinn/maml maml.py, clip_by_value)
     "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
-                         outer_lr=1e-3, iterations=60000, task_chunk=1, eval_chunk=1, clip_grad=10.0),
+                         outer_lr=1e-3, iterations=60000, clip_grad=10.0),
 }
-# task_chunk and eval_chunk change speed and memory only, not the result: how many tasks run as
-# one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
-# at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
-# 75 BatchNorm groups per task.
-# `python maml.py` with no arguments takes about 3.5 minutes on one CPU thread (README); --full
-# gives the paper's 70k iterations.
-QUICK_SINUSOID_ITERATIONS = 30000
+
+
 def paper_settings(dataset, ways, shots):
-    if dataset == "sinusoid":
-        return dict(PAPER_SETTINGS["sinusoid"])
+    """The settings above for a dataset, with the batching of CHUNKS (speed only, below)."""
     if dataset == "omniglot":
-        s = dict(PAPER_SETTINGS["omniglot-20way" if ways >= 20 else "omniglot-5way"])
+        key = "omniglot-20way" if ways >= 20 else "omniglot-5way"
+    else:
+        key = dataset if dataset == "sinusoid" else "miniimagenet"   # also the default for an image folder
+    s = {**PAPER_SETTINGS[key], **CHUNKS[key]}
+    if dataset == "omniglot":
         s["query"] = shots
-        return s
-    s = dict(PAPER_SETTINGS["miniimagenet"])  # also the default for an image folder
-    s["meta_batch_size"] = 4 if shots == 1 else 2
+    elif dataset != "sinusoid":
+        s["meta_batch_size"] = 4 if shots == 1 else 2
     return s
 
 
@@ -165,13 +161,6 @@ def conv_forward(params, x, max_pool):
     return torch.baddbmm(params["fc.b"].unsqueeze(1), conv_body(params, x, max_pool), params["fc.w"])
 
 
-def conv_feature_dim(image_size, hidden, max_pool):
-    size = image_size
-    for _ in range(4):
-        size = size // 2 if max_pool else (size + 1) // 2
-    return hidden * size * size if max_pool else hidden
-
-
 def per_task(params, tasks):
     """θ seen by each of T tasks: (T, *shape) views, whose gradients flow back into θ."""
     return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
@@ -193,7 +182,7 @@ def accuracy_per_task(out, y):
 
 
 # ---------------------------------------------------------------------------------------------
-# The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10); Alg. 3's inner loop
+# The algorithm: inner loop (Alg. 2 lines 5-7) and meta-update (line 10)
 # ---------------------------------------------------------------------------------------------
 
 def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
@@ -224,10 +213,6 @@ def meta_loss(params, problem, batch, cfg, adapt=adapt):
     return problem.loss(out, y_q).mean(), problem.metric(out.detach(), y_q)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. The meta-batch is processed
     `task_chunk` tasks at a time, each chunk's graph freed by its own backward pass; the
@@ -253,32 +238,9 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     return total, torch.cat(metrics).mean().item()
 
 
-def adapt_policy(params, episodes, inner_lr, first_order):
-    """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
-    (the mean network and log σ), on the K trajectories D_i with their advantages."""
-    import rl
-    return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
-                 1, inner_lr, first_order)
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the adaptation curve on unseen tasks (Fig. 3), mean ± 95% CI; §5.1's baseline
 # ---------------------------------------------------------------------------------------------
-
-def predict(fast, forward, x_s, x_q, bn_mode):
-    """Query outputs (T, N*Q, ...). transductive: one forward pass over the whole query batch,
-    whose BatchNorm statistics mix the queries, as the reference code does. nontransductive
-    (Reptile §6.1): each query is classified in a batch of the support set plus itself alone."""
-    if bn_mode == "transductive":
-        return forward(fast, x_q)
-    T, S, M = x_s.shape[0], x_s.shape[1], x_q.shape[1]
-    groups = torch.cat([x_s.unsqueeze(1).expand(T, M, *x_s.shape[1:]),
-                        x_q.unsqueeze(2)], dim=2)                    # (T, M, S+1, ...)
-    groups = groups.reshape(T * M, S + 1, *x_s.shape[2:])
-    fast_g = {k: v.repeat_interleave(M, dim=0) for k, v in fast.items()}
-    out = forward(fast_g, groups)[:, -1]                             # (T*M, outputs): the query's row
-    return out.reshape(T, M, *out.shape[1:])
-
 
 def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive", adapt=adapt):
     """Per-task metric after 0, 1, ..., eval_steps inner steps: a (steps+1, tasks) array."""
@@ -297,6 +259,33 @@ def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
     """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
     batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
     return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
+
+
+def predict(fast, forward, x_s, x_q, bn_mode):
+    """Query outputs (T, N*Q, ...). transductive: one forward pass over the whole query batch,
+    whose BatchNorm statistics mix the queries, as the reference code does. nontransductive
+    (Reptile §6.1): each query is classified in a batch of the support set plus itself alone."""
+    if bn_mode == "transductive":
+        return forward(fast, x_q)
+    T, S, M = x_s.shape[0], x_s.shape[1], x_q.shape[1]
+    groups = torch.cat([x_s.unsqueeze(1).expand(T, M, *x_s.shape[1:]),
+                        x_q.unsqueeze(2)], dim=2)                    # (T, M, S+1, ...)
+    groups = groups.reshape(T * M, S + 1, *x_s.shape[2:])
+    fast_g = {k: v.repeat_interleave(M, dim=0) for k, v in fast.items()}
+    out = forward(fast_g, groups)[:, -1]                             # (T*M, outputs): the query's row
+    return out.reshape(T, M, *out.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Alg. 3's inner loop (meta-RL): rl.py samples the trajectories and takes the TRPO meta-step
+# ---------------------------------------------------------------------------------------------
+
+def adapt_policy(params, episodes, inner_lr, first_order):
+    """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
+    (the mean network and log σ), on the K trajectories D_i with their advantages."""
+    import rl
+    return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
+                 1, inner_lr, first_order)
 
 
 def task_batches(problem, split, tasks, batch_size, seed, **kw):
@@ -365,10 +354,34 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
 
 # ---- Below: what the paper does not contain: command line, data, checkpoints, training loop, plots ----
 
+# task_chunk and eval_chunk change speed and memory only, not the result: how many tasks run as
+# one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
+# at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
+# 75 BatchNorm groups per task.
+CHUNKS = {"sinusoid": dict(task_chunk=25, eval_chunk=100), "omniglot-5way": dict(task_chunk=32, eval_chunk=50),
+          "omniglot-20way": dict(task_chunk=4, eval_chunk=10), "miniimagenet": dict(task_chunk=1, eval_chunk=1)}
+# `python maml.py` with no arguments takes about 3.5 minutes on one CPU thread (README); --full
+# gives the paper's 70k iterations.
+QUICK_SINUSOID_ITERATIONS = 30000
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: training stops before it touches θ, and the last checkpoint is kept."""
+
+
+def conv_feature_dim(image_size, hidden, max_pool):
+    size = image_size
+    for _ in range(4):
+        size = size // 2 if max_pool else (size + 1) // 2
+    return hidden * size * size if max_pool else hidden
+
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows a flag's default only when it has one; unset flags take the paper's value."""
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "%(default)" in action.help:                  # `is`: a default of 0 is shown
             return action.help
         return action.help + " (default: %(default)s)"
 

@@ -108,7 +108,7 @@ def measure(name, method, device, reps):
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
     # the preset's task_chunk: how many tasks maml.py batches together in this setting
     cfg = SimpleNamespace(inner_steps=s["steps"], inner_lr=0.01, first_order=method.endswith("fomaml"),
-                          task_chunk=maml.PAPER_SETTINGS[s["preset"]]["task_chunk"])
+                          task_chunk=maml.CHUNKS[s["preset"]]["task_chunk"])
     batches = [make_batch(s, device, g) for _ in range(3)]
     if method.startswith("loop"):
         def step(b):
