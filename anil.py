@@ -28,10 +28,8 @@ Run:    python anil.py                                    (sinusoid regression, 
         python anil.py --help                             (every flag with its paper symbol and value)
 """
 
-import argparse
 import json
 from functools import partial
-import os
 import re
 import sys
 import time
@@ -45,19 +43,17 @@ import torch.nn.functional as F
 
 import data
 import maml
-from maml import NonFiniteLoss, mean_ci, per_task, predict, task_batches
+from maml import mean_ci, per_task
 
 
 # ---------------------------------------------------------------------------------------------
 # The paper's numbers, for the printouts (the settings are MAML's, App. C / E.5)
 # ---------------------------------------------------------------------------------------------
-# Table 4 (App. E.6): seconds on a Titan Xp, TensorFlow; speed-ups are ratios of the means.
+# Table 4 (App. E.6): seconds on a Titan Xp, TensorFlow; the paper's speed-ups are ratios of the means.
 PAPER_TIMING = {("train", 1): {"MAML": 0.15, "FOMAML": 0.089, "ANIL": 0.084},
                 ("train", 5): {"MAML": 0.68, "FOMAML": 0.40, "ANIL": 0.37},
                 ("inference", 1): {"MAML": 0.083, "ANIL": 0.020},
                 ("inference", 5): {"MAML": 0.37, "ANIL": 0.076}}
-PAPER_SPEEDUP = {("train", 1): 1.79, ("train", 5): 1.84, ("inference", 1): 4.15, ("inference", 5): 4.87}
-
 
 # Table 2 (App. D.1), MiniImageNet 5-way 1-shot / 5-shot, for the printout.
 PAPER_FREEZE = {"none": "44.5 / 61.7", "1": "44.8 / 61.7", "1-2": "44.8 / 61.4",
@@ -87,36 +83,33 @@ def linear_head(w_key, b_key):
 
 @dataclass
 class Net:
-    body: Callable        # body(params, x (T, B, ...)) -> features (T, B, D)
+    body: Callable        # body(params, x (T, B, ...), activations=None) -> features (T, B, D)
     head: Callable        # head(params, features) -> outputs (T, B, N), uses only head_keys
     head_keys: tuple      # θ_head, the parameters of the final layer
     layer_names: tuple    # body layers then "head", for the per-layer analyses
-    body_with_activations: Callable   # (params, x) -> (features, [each body layer's output])
 
     def __call__(self, params, x):
         return self.head(params, self.body(params, x))
+
+    def layer_outputs(self, params, x):
+        """Each body layer's output, then the head's: the activations that App. D.2 compares."""
+        outputs = []
+        features = self.body(params, x, activations=outputs)         # appends each body layer's output
+        return outputs + [self.head(params, features)]
 
 
 def make_net(cfg, problem):
     if cfg.dataset == "sinusoid":
         layers = len(problem.params) // 2
         keys = (f"fc{layers}.w", f"fc{layers}.b")
-
-        def run(p, x, acts=None):
-            return mlp_body(p, x, layers, acts)
+        body = partial(mlp_body, layers=layers)
         names = tuple(f"fc{i}" for i in range(1, layers)) + ("head",)
     else:
-        max_pool = cfg.dataset != "omniglot"      # as maml.make_problem: MiniImageNet-style nets pool
         keys = ("fc.w", "fc.b")
-
-        def run(p, x, acts=None):
-            return maml.conv_body(p, x, max_pool, acts)
+        max_pool = cfg.dataset != "omniglot"      # as maml.make_problem: MiniImageNet-style nets pool
+        body = partial(maml.conv_body, max_pool=max_pool)
         names = ("conv1", "conv2", "conv3", "conv4", "head")
-
-    def with_activations(p, x):
-        acts = []
-        return run(p, x, acts), acts
-    return Net(run, linear_head(*keys), keys, names, with_activations)
+    return Net(body, linear_head(*keys), keys, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +152,7 @@ POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
 def adapt_policy(params, episodes, inner_lr, first_order):
     """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
     import rl
-    net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"), None)
+    net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"))
     return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
 
 
@@ -199,26 +192,28 @@ def adapt_unfrozen(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_
 def freeze_table(cfg, problem, net, params):
     """Table 2: test accuracy with layers none, 1, 1-2, ... frozen during test-time adaptation.
     Every row sees the same test tasks (seed + 2, those of maml.py and the ANIL test)."""
-    layers = body_layers(params, net)
-    patterns = {("none" if n == 0 else "1" if n == 1 else f"1-{n}"): [k for i in list(layers)[:n] for k in layers[i]]
+    layers = list(body_layers(params, net).values())
+    patterns = {("none" if n == 0 else "1" if n == 1 else f"1-{n}"): [k for layer in layers[:n] for k in layer]
                 for n in range(len(layers) + 1)}
     # Not in the paper: the body's weights frozen but BatchNorm's γ, β adapting. The reference
     # code keeps BatchNorm out of the inner loop; maml.py adapts it (it stands in for conv biases).
-    weights = [k for k in patterns[f"1-{len(layers)}"] if not k.startswith("bn")]
-    if len(weights) < len(patterns[f"1-{len(layers)}"]):
+    body = patterns[f"1-{len(layers)}"]
+    weights = [k for k in body if not k.startswith("bn")]
+    if len(weights) < len(body):
         patterns[f"1-{len(layers)} w"] = weights
-    rows = {}
+    table = {}
     for name, frozen in patterns.items():
-        rows[name] = maml.evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg,
-                                   partial(adapt_unfrozen, frozen=frozen))[-1]
+        curve = maml.evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg,
+                              partial(adapt_unfrozen, frozen=frozen))
+        table[name] = mean_ci(curve[-1])
     print(f"\nFreezing (§3, Table 2): {problem.metric_name} ± 95% CI over {cfg.test_tasks} test tasks, "
           f"{cfg.ways}-way {cfg.shots}-shot, {cfg.eval_steps} inner steps, α = {cfg.inner_lr}; frozen layers "
           f"get no inner-loop update, the head always adapts")
     print(f"{'frozen':<8} {'ours':>17}   paper MiniImageNet 5w1s / 5w5s")
-    for name, values in rows.items():
-        m, c = mean_ci(values)
-        print(f"{name:<8} {m:9.4f} ± {c:.4f}   {PAPER_FREEZE.get(name, 'not in the paper: conv weights frozen, BN γ, β adapt')}")
-    return {name: mean_ci(v) for name, v in rows.items()}
+    for name, (m, c) in table.items():
+        paper = PAPER_FREEZE.get(name, "not in the paper: conv weights frozen, BN γ, β adapt")
+        print(f"{name:<8} {m:9.4f} ± {c:.4f}   {paper}")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,29 +225,27 @@ def _orthonormal_basis(x, rtol=1e-6):
     whitening step of CCA, done with an SVD so that dead (constant) ReLU units do no harm."""
     x = x - x.mean(0, keepdim=True)
     u, s, _ = torch.linalg.svd(x, full_matrices=False)
-    keep = s > rtol * s.max() if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
-    return u[:, keep]
+    return u[:, s > rtol * s.max()]
 
 
 def cca(x, y):
     """Mean canonical correlation (Raghu et al. 2017, [20]) of x (n, d1) and y (n, d2), n data
     points. The canonical correlations are the cosines of the principal angles between the two
     centred column spaces: the singular values of Qx^T Qy. Invariant to any invertible linear
-    map of either side; 1 for identical representations."""
+    map of either side; 1 for identical representations, nan (no correlations) if either is constant."""
     qx, qy = _orthonormal_basis(x.double()), _orthonormal_basis(y.double())
-    if qx.shape[1] == 0 or qy.shape[1] == 0:
-        return float("nan")
     rho = torch.linalg.svdvals(qx.T @ qy)
     return float(rho.clamp(0, 1).mean())
 
 
 def linear_cka(x, y):
     """Linear CKA (Kornblith et al. 2019, [14]): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),
-    with Xc, Yc centred. Invariant to orthogonal maps and isotropic scaling; in [0, 1]."""
+    with Xc, Yc centred. Invariant to orthogonal maps and isotropic scaling; in [0, 1]; nan (0/0)
+    if either is constant."""
     x, y = x.double(), y.double()
     x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
     den = torch.linalg.norm(x.T @ x) * torch.linalg.norm(y.T @ y)
-    return float(torch.linalg.norm(y.T @ x) ** 2 / den) if den > 0 else float("nan")
+    return float(torch.linalg.norm(y.T @ x) ** 2 / den)
 
 
 def unit_matrix(a):
@@ -267,37 +260,29 @@ def similarity(cfg, problem, net, params, splits):
     distance ||θ'_l − θ_l||. Averaged over tasks."""
     query = cfg.similarity_query if splits else cfg.query
     if splits:
-        sampler = data.EpisodeSampler(splits["test"], cfg.ways, cfg.shots, query, cfg.device, "test")
-
-        def sample(n, g):
-            return sampler.sample(n, g)
+        sample = data.EpisodeSampler(splits["test"], cfg.ways, cfg.shots, query, cfg.device, "test",
+                                     cfg.rotate_tasks).sample
     else:
-        def sample(n, g):
-            return problem.sample("test", n, g)
+        sample = partial(problem.sample, "test")
     g = torch.Generator().manual_seed(cfg.seed + 2)
     layers = body_layers(params, net)
     groups = {name: layers[i] for name, i in zip(net.layer_names, layers)} | {"head": list(net.head_keys)}
     scores = {m: {name: [] for name in net.layer_names} for m in ("cca", "cka", "distance")}
-    done = 0
-    while done < cfg.similarity_tasks:
-        # at most about 2000 probe images at once: conv1's activations of 20-way tasks are large
-        n = min(cfg.eval_chunk, max(1, 2000 // (cfg.ways * query)), cfg.similarity_tasks - done)
+    # at most about 2000 probe images at once: conv1's activations of 20-way tasks are large
+    chunk = min(cfg.eval_chunk, max(1, 2000 // (cfg.ways * query)))
+    for done in range(0, cfg.similarity_tasks, chunk):
+        n = min(chunk, cfg.similarity_tasks - done)
         x_s, y_s, x_q, _ = sample(n, g)
         theta = {k: v.detach().requires_grad_() for k, v in per_task(params, n).items()}
         fast = maml.adapt(theta, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, True)
         with torch.no_grad():
-            feats, before = net.body_with_activations(theta, x_q)
-            before.append(net.head(theta, feats))
-            feats, after = net.body_with_activations(fast, x_q)
-            after.append(net.head(fast, feats))
+            before, after = net.layer_outputs(theta, x_q), net.layer_outputs(fast, x_q)
             for name, a, b in zip(net.layer_names, before, after):
                 for t in range(n):
                     scores["cca"][name].append(cca(unit_matrix(a[t]), unit_matrix(b[t])))
                     scores["cka"][name].append(linear_cka(unit_matrix(a[t]), unit_matrix(b[t])))
-            for name in net.layer_names:
                 diff = torch.cat([(fast[k] - theta[k]).reshape(n, -1) for k in groups[name]], 1)
                 scores["distance"][name].extend(torch.linalg.norm(diff, dim=1).tolist())
-        done += n
     summary = {m: {name: mean_ci(v) for name, v in by_layer.items()} for m, by_layer in scores.items()}
     print(f"\nRepresentational similarity before vs after the inner loop (App. D.2-D.3, Fig. 4/5): "
           f"{cfg.similarity_tasks} test tasks, {cfg.eval_steps} steps of α = {cfg.inner_lr} on every layer, "
@@ -315,14 +300,16 @@ def similarity(cfg, problem, net, params, splits):
 # App. E.6, Table 4: computation time on the MiniImageNet network
 # ---------------------------------------------------------------------------------------------
 
-def _time(fn, batches):
-    fn()                                                             # warm-up: allocator, kernels
+def _time(fn, batches, device):
+    """ms per call of fn over `batches` calls, after one warm-up call (allocator, kernels)."""
     times = []
-    for _ in range(batches):
+    for _ in range(batches + 1):
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()                 # CUDA kernels run asynchronously: wait for them
         times.append(time.perf_counter() - start)
-    return np.array(times) * 1000.0
+    return np.array(times[1:]) * 1000.0
 
 
 def timing(cfg, image_size=84):
@@ -334,59 +321,44 @@ def timing(cfg, image_size=84):
     ways, out = 5, {}
     params = {k: v.to(device).requires_grad_()
               for k, v in maml.init_convnet(3, 32, ways, maml.conv_feature_dim(image_size, 32, True), g).items()}
-    problem = maml.Problem(params, lambda p, x: maml.conv_forward(p, x, True), maml.cross_entropy_per_task,
-                           maml.accuracy_per_task, "acc", None)
-    net = make_net(SimpleNamespace(dataset="miniimagenet"), problem)
-    problem.forward = net
+    problem = maml.Problem(params, None, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    problem.forward = make_net(SimpleNamespace(dataset="miniimagenet"), problem)
+    inner_loop = {"MAML": maml.adapt, "FOMAML": maml.adapt, "ANIL": adapt}
     print(f"\nTiming (App. E.6, Table 4): MiniImageNet network, 5-way, task batch 1, 1 target example, "
           f"mean of {cfg.timing_batches} batches, device {cfg.device}, {torch.get_num_threads()} thread(s)")
     for shots in (1, 5):
         x_s = torch.rand(1, ways * shots, 3, image_size, image_size, generator=g).to(device)
         y_s = torch.arange(ways).repeat_interleave(shots).unsqueeze(0).to(device)
-        x_q, y_q = torch.rand(1, 1, 3, image_size, image_size, generator=g).to(device), torch.zeros(1, 1, dtype=torch.long, device=device)
-        batch = (x_s, y_s, x_q, y_q)
-        train_cfg = SimpleNamespace(inner_steps=5, inner_lr=0.01)
+        x_q = torch.rand(1, 1, 3, image_size, image_size, generator=g).to(device)
+        y_q = torch.zeros(1, 1, dtype=torch.long, device=device)
 
         def train(algorithm):
-            def run():
-                c = SimpleNamespace(**vars(train_cfg), first_order=algorithm == "FOMAML")
-                loss = maml.meta_loss(params, problem, batch, c, adapt if algorithm == "ANIL" else maml.adapt)[0]
-                loss.backward()
-                _sync(device)
-            return run
+            c = SimpleNamespace(inner_steps=5, inner_lr=0.01, first_order=algorithm == "FOMAML")
+            maml.meta_loss(params, problem, (x_s, y_s, x_q, y_q), c, inner_loop[algorithm])[0].backward()
 
         def infer(algorithm):
-            def run():
-                fast = {k: v.detach().requires_grad_() for k, v in per_task(params, 1).items()}
-                if algorithm == "ANIL":
-                    fast = adapt(fast, net, problem.loss, x_s, y_s, 10, 0.01, first_order=True)
-                else:
-                    fast = maml.adapt(fast, problem.forward, problem.loss, x_s, y_s, 10, 0.01, first_order=True)
-                with torch.no_grad():
-                    problem.forward(fast, x_q).argmax(-1)
-                _sync(device)
-            return run
-        for phase, algorithms, make in (("train", ("MAML", "FOMAML", "ANIL"), train), ("inference", ("MAML", "ANIL"), infer)):
-            ms = {a: _time(make(a), cfg.timing_batches) for a in algorithms}
-            print(f"{phase} 5-way {shots}-shot:  {'mean ms':>9} {'median ms':>10} {'speed-up':>9}   paper: mean s, speed-up")
+            fast = {k: v.detach().requires_grad_() for k, v in per_task(params, 1).items()}
+            fast = inner_loop[algorithm](fast, problem.forward, problem.loss, x_s, y_s, 10, 0.01, first_order=True)
+            with torch.no_grad():
+                problem.forward(fast, x_q).argmax(-1)
+        for phase, step, algorithms in (("train", train, ("MAML", "FOMAML", "ANIL")),
+                                        ("inference", infer, ("MAML", "ANIL"))):
+            ms = {a: _time(partial(step, a), cfg.timing_batches, device) for a in algorithms}
+            paper = PAPER_TIMING[(phase, shots)]
+            print(f"{phase} 5-way {shots}-shot:  {'mean ms':>9} {'median ms':>10} {'speed-up':>9}   "
+                  f"paper: mean s, speed-up")
             for a in algorithms:
-                speedup = ms["MAML"].mean() / ms[a].mean()
-                paper = PAPER_TIMING[(phase, shots)][a]
-                paper_speedup = f"{PAPER_TIMING[(phase, shots)]['MAML'] / paper:.2f}" if a != "ANIL" else PAPER_SPEEDUP[(phase, shots)]
-                print(f"  {a:<8} {ms[a].mean():18.1f} {np.median(ms[a]):10.1f} {speedup:8.2f}x   {paper:.3f} s, {paper_speedup}x")
-                out[f"{phase}_{shots}shot_{a}"] = {"mean_ms": float(ms[a].mean()), "median_ms": float(np.median(ms[a])),
+                mean, median, speedup = ms[a].mean(), np.median(ms[a]), ms["MAML"].mean() / ms[a].mean()
+                print(f"  {a:<8} {mean:18.1f} {median:10.1f} {speedup:8.2f}x   "
+                      f"{paper[a]:.3f} s, {paper['MAML'] / paper[a]:.2f}x")
+                out[f"{phase}_{shots}shot_{a}"] = {"mean_ms": float(mean), "median_ms": float(median),
                                                    "speedup": float(speedup)}
     return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---- Below: what the paper does not contain: command line, checkpoints, plots (training is maml.train) ----
 
-# The flags that exist only here: never part of a checkpoint's training config.
+# The flags that exist only here: like maml.SESSION_FLAGS, always taken from the command line.
 ANALYSIS_FLAGS = {"freeze_table", "similarity", "similarity_tasks", "similarity_query", "timing",
                   "timing_batches"}
 def build_parser():
@@ -409,32 +381,26 @@ def build_parser():
 
 
 def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
-    """Parse, merge with the checkpoint's config (maml.merge_checkpoint_config, the analysis flags
-    kept aside since they are not part of training) and fill the paper settings. Returns the
-    config and the loaded checkpoint, or None."""
+    """Parse, merge with the checkpoint's config (maml.merge_checkpoint_config; the analysis flags
+    are not part of training, so they come from the command line) and fill the paper settings.
+    Returns the config and the loaded checkpoint, or None."""
     args = parser.parse_args(argv)
-    defaults = vars(parser.parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    if args.plot and not getattr(args, "similarity", True):           # nil.py has no --similarity
+        raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
+    for name in ("similarity_tasks", "similarity_query", "timing_batches"):
+        if getattr(args, name, 1) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     source = args.resume or args.load
     saved = maml.load_checkpoint(source) if source else None
     if saved and saved["config"].get("env"):
         raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
+    if saved and args.resume and saved.get("algorithm", "maml") != "anil":
+        raise SystemExit(f"error: {source} was trained by {saved.get('algorithm', 'maml')}.py; --resume "
+                         f"continues ANIL training only from an anil.py checkpoint (use --load to test it)")
     if saved:
-        if args.resume and saved.get("algorithm", "maml") != "anil":
-            raise SystemExit(f"error: {source} was trained by {saved.get('algorithm', 'maml')}.py; --resume "
-                             f"continues ANIL training only from an anil.py checkpoint (use --load to test it)")
-        extra = {k: v for k, v in vars(args).items() if k in analysis_flags}
-        base = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in analysis_flags})
-        args = maml.merge_checkpoint_config(base, saved["config"], given - analysis_flags)
-        for k, v in extra.items():
-            setattr(args, k, v)
-    if getattr(args, "plot", None) and hasattr(args, "similarity") and not args.similarity:
-        raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
-    cfg = maml.finalize_config(args)
-    for name in ("similarity_tasks", "similarity_query", "timing_batches"):
-        if hasattr(cfg, name) and getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    return cfg, saved
+        args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS | analysis_flags)
+    return maml.finalize_config(args), saved
 
 
 def setup(cfg, saved):
@@ -491,10 +457,8 @@ def main(argv=None):
     if cfg.timing:
         print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         maml.seed_everything(cfg.seed)
-        results = {"config": vars(cfg), "timing": timing(cfg)}
-        return write(cfg, results)
+        return write(cfg, {"config": vars(cfg), "timing": timing(cfg)})
     splits, problem, net, state = setup(cfg, saved)
-    device = torch.device(cfg.device)
     if saved and saved.get("algorithm", "maml") != "anil":
         print(f"note: {cfg.load} was trained by maml.py; its test below uses ANIL's head-only inner loop "
               f"(the 'frozen 1-4' row of the freezing table)")
@@ -507,13 +471,14 @@ def main(argv=None):
             state = maml.train(cfg, problem, state, adapt, "anil")
     results = {"config": vars(cfg), "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
-    params = {k: v.to(device) for k, v in state["params"].items()}
+    params = {k: v.to(cfg.device) for k, v in state["params"].items()}
 
     curve = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg)
     name = problem.metric_name
     task = (f"K = {cfg.shots} points" if cfg.dataset == "sinusoid"
             else f"{cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")
-    print(f"\nANIL meta-test: {cfg.test_tasks} tasks, {task}, {name} ± 95% CI after k head steps (α = {cfg.inner_lr}):")
+    print(f"\nANIL meta-test: {cfg.test_tasks} tasks, {task}, {name} ± 95% CI after k head steps "
+          f"(α = {cfg.inner_lr}):")
     print("  " + maml.format_curve(curve))
     m, c = mean_ci(curve[-1])
     print(f"test_{name}={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")

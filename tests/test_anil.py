@@ -29,7 +29,7 @@ def scalar_net():
 
     def head(p, f):
         return f * p["w2"].reshape(-1, 1, 1)
-    return anil.Net(body, head, ("w2",), ("body", "head"), lambda p, x: (body(p, x), []))
+    return anil.Net(body, head, ("w2",), ("body", "head"))
 
 
 def scalar_problem():
@@ -107,8 +107,9 @@ def test_body_then_head_is_maml_forward(max_pool, size):
     params, problem, net, x, _ = conv_setup(max_pool, size=size)
     p = maml.per_task(params, x.shape[0])
     torch.testing.assert_close(net(p, x), problem.forward(p, x), rtol=1e-12, atol=1e-12)
-    feats, acts = net.body_with_activations(p, x)
-    assert len(acts) == 4 and acts[-1].shape[:3] == (x.shape[0], x.shape[1], 8)
+    acts = net.layer_outputs(p, x)
+    assert len(acts) == 5 and acts[3].shape[:3] == (x.shape[0], x.shape[1], 8)
+    torch.testing.assert_close(acts[-1], net(p, x))
     mlp = maml.Problem(maml.init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(0)), maml.mlp_forward,
                        maml.mse_per_task, maml.mse_per_task, "mse", None)
     mnet = anil.make_net(SimpleNamespace(dataset="sinusoid"), mlp)
