@@ -16,8 +16,7 @@ Symbols (as in maml.py and anil.py):
     f(x)             the body's features (penultimate layer), which NIL compares by cosine
     N, K, Q          ways, shots, query        α inner_lr, β outer_lr, T meta_batch_size
 
-Run:    python nil.py --data-dir DIR                       (Omniglot: ANIL training, then NIL vs ANIL;
-                                                            NIL is a classifier, so no sinusoid)
+Run:    python nil.py --data-dir DIR                       (Omniglot: ANIL training, then NIL vs ANIL)
         python nil.py --eval-only --load anil.pt            (NIL vs the checkpoint's own head)
         python nil.py --eval-only --load anil.pt --head-body --maml-checkpoint maml.pt
 """
@@ -35,9 +34,8 @@ from maml import mean_ci, per_task, predict, task_batches
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's numbers, for the printouts (Table 1 bottom, Table 5)
+# The paper's numbers, for the printouts: Table 1 (bottom), and Table 5 (MiniImageNet 5w1s / 5w5s)
 # ---------------------------------------------------------------------------------------------
-# Table 1 (bottom) and Table 5, for the printout: MiniImageNet 5w1s / 5w5s, Omniglot 20w1s.
 PAPER_NIL = {"omniglot-20": "MAML 93.7 ± 0.7, ANIL 96.2 ± 0.5, NIL 96.7 ± 0.3 (Omniglot 20-way 1-shot)",
              "miniimagenet-1": "MAML 46.9 ± 0.2, ANIL 46.7 ± 0.4, NIL 48.0 ± 0.7",
              "miniimagenet-5": "MAML 63.1 ± 0.4, ANIL 61.5 ± 0.5, NIL 62.2 ± 0.5"}
@@ -78,15 +76,13 @@ def nil_accuracy(params, problem, net, batches, ways, bn_mode):
     return torch.cat(out).numpy()
 
 
-def head_accuracy(cfg, problem, net, params, algorithm, seed):
-    """The same tasks classified by the trained head after the checkpoint's own test-time inner
-    loop: ANIL adapts the head only, MAML every layer (maml.adapt)."""
-    return maml.evaluate(params, problem, "test", cfg.test_tasks, seed, cfg,
+def accuracies(cfg, problem, net, params, algorithm):
+    """Per-task accuracy on maml.py's test tasks (seed + 2) of the trained head, after the model's own
+    test-time inner loop (ANIL adapts the head only, MAML every layer), and of NIL on the same tasks."""
+    head = maml.evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg,
                          anil.adapt if algorithm == "anil" else maml.adapt)[-1]
-
-
-def test_tasks(cfg, problem):
-    return task_batches(problem, "test", cfg.test_tasks, cfg.eval_chunk, cfg.seed + 2)
+    batches = task_batches(problem, "test", cfg.test_tasks, cfg.eval_chunk, cfg.seed + 2)
+    return head, nil_accuracy(params, problem, net, batches, cfg.ways, cfg.bn_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,17 +99,15 @@ def fresh_head(params, ways, generator):
 def multiclass_pretrain(cfg, init, net, split, generator):
     """A standard classifier over all training classes (App. F): body + one (D, C)-head, Adam on
     cross-entropy over random batches of training images. Returns the body."""
-    device = torch.device(cfg.device)
     labels = torch.repeat_interleave(torch.arange(split.num_classes), split.counts)
-    images = split.images.to(device)
-    params = {k: v.clone().to(device) for k, v in init.items()}
-    params.update({k: v.to(device) for k, v in fresh_head(params, split.num_classes, generator).items()})
-    params = {k: v.requires_grad_() for k, v in params.items()}
+    images = split.images.to(cfg.device)
+    params = {**init, **fresh_head(init, split.num_classes, generator)}
+    params = {k: v.clone().to(cfg.device).requires_grad_() for k, v in params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     for _ in tqdm(range(cfg.pretrain_iterations), desc="multiclass pretraining", dynamic_ncols=True, mininterval=1):
         idx = torch.randint(len(labels), (cfg.pretrain_batch,), generator=generator)
         x = images[idx].float().div_(255.0).unsqueeze(0)                           # (1, B, C, H, W)
-        loss = F.cross_entropy(net(per_task(params, 1), x)[0], labels[idx].to(device))
+        loss = F.cross_entropy(net(per_task(params, 1), x)[0], labels[idx].to(cfg.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,8 +120,7 @@ def multitask_pretrain(cfg, problem, init, generator):
     """Multitask training (App. F): one shared N-way head over all training tasks and no inner loop,
     so label j means a different class in every task (the labels are not aligned). This is
     maml.pretrain_step, the sinusoid baseline of MAML §5.1, on episodes."""
-    device = torch.device(cfg.device)
-    params = {k: v.clone().to(device).requires_grad_() for k, v in init.items()}
+    params = {k: v.clone().to(cfg.device).requires_grad_() for k, v in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     for _ in tqdm(range(cfg.pretrain_iterations), desc="multitask training", dynamic_ncols=True, mininterval=1):
         loss = maml.pretrain_step(params, optimizer, problem, problem.sample("train", cfg.meta_batch_size, generator))
@@ -138,46 +131,35 @@ def multitask_pretrain(cfg, problem, init, generator):
 def train_head(cfg, problem, net, body, generator):
     """App. F: 'initialize a new N-class head, and train that (on top of the frozen features) with
     MAML'. Only the head is in the optimizer, so this is anil.meta_step with the body frozen."""
-    device = torch.device(cfg.device)
-    head = {k: v.to(device).requires_grad_() for k, v in fresh_head(problem.params, cfg.ways, generator).items()}
+    head = {k: v.to(cfg.device).requires_grad_() for k, v in fresh_head(problem.params, cfg.ways, generator).items()}
     optimizer = torch.optim.Adam(head.values(), lr=cfg.outer_lr)
-    frozen = {k: v.to(device) for k, v in body.items() if k not in net.head_keys}
+    frozen = {k: v.to(cfg.device) for k, v in body.items() if k not in net.head_keys}
     for _ in tqdm(range(cfg.head_iterations), desc="MAML head on a frozen body", dynamic_ncols=True, mininterval=1):
         anil.meta_step(frozen | head, optimizer, problem, problem.sample("train", cfg.meta_batch_size, generator), cfg)
     return frozen | {k: v.detach() for k, v in head.items()}
 
 
-def head_body_table(cfg, problem, net, splits, init, trained, algorithm):
-    """Table 5 on the same test tasks. `trained` is this run's ANIL (or MAML) model; `init` the
-    seed's initialization, where the multiclass and multitask bodies start and the random body stays."""
-    device = torch.device(cfg.device)
+def head_body_table(cfg, problem, net, splits, init, rows):
+    """Table 5 on the same test tasks. `rows` holds main()'s accuracies of the meta-trained bodies
+    (ANIL, and MAML with --maml-checkpoint); `init` is the seed's initialization, where the
+    multiclass and multitask bodies start and the random body stays."""
     g = torch.Generator().manual_seed(cfg.seed + 10)
-    bodies = {}   # name -> (how its head adapts at test, params, config with that α and step count)
-    bodies["ANIL training" if algorithm == "anil" else "MAML training"] = (algorithm, trained, cfg)
-    if cfg.maml_checkpoint:
-        bodies["MAML training"] = ("maml", *load_maml(cfg, problem))
-    started = time.time()
     multiclass = multiclass_pretrain(cfg, init, net, splits["train"], g)
-    bodies["Multiclass pretrain"] = ("anil", train_head(cfg, problem, net, multiclass, g), cfg)
+    bodies = {"Multiclass pretrain": train_head(cfg, problem, net, multiclass, g)}
     multitask = multitask_pretrain(cfg, problem, init, g)
-    bodies["Multitask pretrain"] = ("anil", train_head(cfg, problem, net, multitask, g), cfg)
-    bodies["Random features"] = ("anil", train_head(cfg, problem, net, {k: v.to(device) for k, v in init.items()}, g), cfg)
-    print(f"trained the multiclass, multitask and random bodies and their heads in {time.time() - started:.0f} s")
-    rows = {}
-    for name in ("MAML training", "ANIL training", "Multiclass pretrain", "Multitask pretrain", "Random features"):
-        if name in bodies:
-            how, params, c = bodies[name]
-            rows[(name, "ANIL head" if name == "ANIL training" else "MAML head")] = head_accuracy(
-                c, problem, net, params, how, cfg.seed + 2)
-            rows[(name, "NIL head")] = nil_accuracy(params, problem, net, test_tasks(cfg, problem), cfg.ways, cfg.bn_mode)
+    bodies["Multitask pretrain"] = train_head(cfg, problem, net, multitask, g)
+    bodies["Random features"] = train_head(cfg, problem, net, init, g)
+    for name, params in bodies.items():
+        rows[name, "MAML head"], rows[name, "NIL head"] = accuracies(cfg, problem, net, params, "anil")
+    rows = {k: rows[k] for k in PAPER_TABLE5 if k in rows}         # the paper's order
     print(f"\nHead/body study (App. F, Table 5): {cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, accuracy ± 95% CI "
           f"over the same {cfg.test_tasks} test tasks. Non-meta-learned bodies are frozen; their MAML head is "
           f"meta-trained for {cfg.head_iterations} iterations and adapts alone at test time")
     print(f"{'body':<20} {'head':<10} {'ours':>17}   paper MiniImageNet 5w1s / 5w5s")
     for (body, head), values in rows.items():
         m, c = mean_ci(values)
-        print(f"{body:<20} {head:<10} {m:8.4f} ± {c:.4f}   {PAPER_TABLE5.get((body, head), '')}")
-    if "MAML training" not in bodies:
+        print(f"{body:<20} {head:<10} {m:8.4f} ± {c:.4f}   {PAPER_TABLE5[body, head]}")
+    if ("MAML training", "MAML head") not in rows:
         print("MAML training: not run (give --maml-checkpoint)")
     return {f"{b} / {h}": mean_ci(v) for (b, h), v in rows.items()}
 
@@ -189,9 +171,8 @@ NIL_FLAGS = {"head_body", "maml_checkpoint", "pretrain_iterations", "pretrain_ba
 
 def build_parser():
     p = maml.build_parser()
-    p.description = ("NIL (Raghu et al. 2020): ANIL training, then at test time no head and no inner loop: "
-                     "each query takes the support labels weighted by a softmax over cosine similarities of "
-                     "body features (§5). Flags left unset take MAML's paper values (App. C).")
+    p.description = ("NIL (Raghu et al. 2020, §5): ANIL training, then a test with no head and no inner loop. "
+                     "Flags left unset take MAML's paper values (App. C).")
     p.set_defaults(dataset="omniglot")         # NIL is a classifier: no sinusoid
     a = p.add_argument
     a("--head-body", action="store_true", help="App. F, Table 5: bodies from MAML / ANIL training, multiclass "
@@ -206,18 +187,6 @@ def build_parser():
     return p
 
 
-def load_maml(cfg, problem):
-    """The --maml-checkpoint's params, and this config with that checkpoint's α and test steps."""
-    saved = maml.load_checkpoint(cfg.maml_checkpoint)
-    if saved.get("algorithm", "maml") != "maml" or set(saved["params"]) != set(problem.params) or any(
-            saved["params"][k].shape != v.shape for k, v in problem.params.items()):
-        raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
-                         f"(dataset {cfg.dataset}, ways {cfg.ways})")
-    own = argparse.Namespace(**{**vars(cfg), "inner_lr": saved["config"]["inner_lr"],
-                                "eval_steps": saved["config"]["eval_steps"]})
-    return {k: v.to(cfg.device) for k, v in saved["params"].items()}, own
-
-
 def main(argv=None):
     maml.keep_freed_memory()
     cfg, saved = anil.parse(build_parser(), argv, anil.ANALYSIS_FLAGS | NIL_FLAGS)
@@ -229,24 +198,20 @@ def main(argv=None):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     splits, problem, net, state = anil.setup(cfg, saved)
     init = problem.params          # the seed's initialization (training works on a copy)
-    device = torch.device(cfg.device)
+    # a maml.py checkpoint comes only with --eval-only: anil.parse lets --resume continue ANIL alone
     algorithm = saved.get("algorithm", "maml") if saved else "anil"
     started = time.time()
     if not cfg.eval_only:
-        if saved and algorithm != "anil":
-            raise SystemExit(f"error: {cfg.load} is a maml.py checkpoint; NIL trains with ANIL only. "
-                             f"Test it with --eval-only")
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
             state = maml.train(cfg, problem, state, anil.adapt, "anil")
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
-    params = {k: v.to(device) for k, v in state["params"].items()}
+    params = {k: v.to(cfg.device) for k, v in state["params"].items()}
 
     # §5 / Table 1: NIL and the trained head on the same test tasks (seed + 2, maml.py's tasks)
-    head = head_accuracy(cfg, problem, net, params, algorithm, cfg.seed + 2)
-    nil = nil_accuracy(params, problem, net, test_tasks(cfg, problem), cfg.ways, cfg.bn_mode)
+    head, nil = accuracies(cfg, problem, net, params, algorithm)
     (hm, hc), (nm, nc), (dm, dc) = mean_ci(head), mean_ci(nil), mean_ci(nil - head)
     print(f"\nmeta-test: the same {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")
     print(f"  {algorithm.upper()} head ({cfg.eval_steps} steps, α = {cfg.inner_lr}): {hm:.4f} ± {hc:.4f}")
@@ -257,10 +222,19 @@ def main(argv=None):
         print(f"  paper: {paper}")
     results["test"] = {"nil": {"accuracy": nm, "ci95": nc}, f"{algorithm}_head": {"accuracy": hm, "ci95": hc},
                        "nil_minus_head": {"mean": dm, "ci95": dc}}
+    trained = f"{algorithm.upper()} training"
+    rows = {(trained, f"{algorithm.upper()} head"): head, (trained, "NIL head"): nil}    # Table 5's rows
     if cfg.maml_checkpoint and algorithm == "anil":
-        # Table 1: MAML on the same tasks, for ANIL ≈ MAML as a paired comparison
-        maml_params, own = load_maml(cfg, problem)
-        reference = head_accuracy(own, problem, net, maml_params, "maml", cfg.seed + 2)
+        # Table 1: MAML on the same tasks, for ANIL ≈ MAML as a paired comparison; MAML keeps its own α and steps
+        other = maml.load_checkpoint(cfg.maml_checkpoint)
+        if other.get("algorithm", "maml") != "maml" or set(other["params"]) != set(problem.params) or any(
+                other["params"][k].shape != v.shape for k, v in problem.params.items()):
+            raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
+                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
+        own = argparse.Namespace(**(vars(cfg) | {k: other["config"][k] for k in ("inner_lr", "eval_steps")}))
+        maml_params = {k: v.to(cfg.device) for k, v in other["params"].items()}
+        reference, rows["MAML training", "NIL head"] = accuracies(own, problem, net, maml_params, "maml")
+        rows["MAML training", "MAML head"] = reference
         (mm, mc), (am, ac) = mean_ci(reference), mean_ci(head - reference)
         print(f"  MAML head ({own.eval_steps} steps, α = {own.inner_lr}, {cfg.maml_checkpoint}): {mm:.4f} ± {mc:.4f}")
         print(f"  ANIL − MAML per task         : {am:+.4f} ± {ac:.4f}")
@@ -268,7 +242,7 @@ def main(argv=None):
         results["test"]["anil_minus_maml"] = {"mean": am, "ci95": ac}
     print(f"test_acc={nm:.4f} ci95={nc:.4f} head_acc={hm:.4f} head_ci95={hc:.4f}")
     if cfg.head_body:
-        results["head_body"] = head_body_table(cfg, problem, net, splits, init, params, algorithm)
+        results["head_body"] = head_body_table(cfg, problem, net, splits, init, rows)
     return anil.write(cfg, results)
 
 
