@@ -75,12 +75,7 @@ PAPER_SETTINGS = {
                      eval_steps=32, eval_inner_batch=10, shots=10),
 }
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8      # Adam's defaults (Kingma & Ba), which the paper keeps
-
-
-SINUSOID_HIDDEN = 64                    # §4: 1 → 64 → 64 → 1
-
-
-MAML_SINUSOID_LR = 0.01                 # MAML §5.1's α, for the MAML panel of Fig. 1
+SINUSOID_SIZES = (1, 64, 64, 1)         # §4: the regressor's layers, 1 → 64 → 64 → 1
 
 
 def paper_settings(dataset, ways, shots):
@@ -125,11 +120,18 @@ def minibatch_schedule(tasks, n_train, n_tail, batch, steps, tail, replacement, 
     return idx
 
 
+def map_state(state, fn):
+    """Adam's statistics with fn applied to each tensor; None (the SGD inner loop) stays None."""
+    if state is None:
+        return None
+    return {"t": state["t"], "m": {k: fn(v) for k, v in state["m"].items()},
+            "v": {k: fn(v) for k, v in state["v"].items()}}
+
+
 def init_inner_state(params):
     """Adam's statistics for the inner loop, shaped like φ. The paper never resets them during
     training (§6.1) and keeps the step count running."""
-    return {"t": 0, "m": {k: torch.zeros_like(v) for k, v in params.items()},
-            "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+    return map_state({"t": 0, "m": params, "v": params}, torch.zeros_like)
 
 
 def adam_update(grads, state, lr, beta1):
@@ -144,18 +146,16 @@ def adam_update(grads, state, lr, beta1):
 
 
 def adapt(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=0.0):
-    """Alg. 1 line 4: φ̃ = U^k_τ(φ), for T tasks at once. The arguments differ from maml.adapt's
-    where the algorithm does: k mini-batches (the schedule) instead of k steps on the whole
-    support set, an inner optimizer (SGD or Adam, whose state carries over) instead of plain
-    gradient steps, and no first_order flag, since Reptile is first-order by construction. fast: (T, ...) tensors; x, y: (T, M, ...)
-    the tasks' examples; schedule: k index tensors (T, b). Returns φ̃, the updates u_i = φ_{i+1} − φ_i,
-    the new optimizer state (per task, (T, ...)) and the last batch's per-task loss and metric.
-
-    First order throughout: every gradient is taken at the current φ_i and treated as a constant
-    (create_graph=False), which is what makes this family cheap (§2)."""
+    """Alg. 1 line 4: φ̃ = U^k_τ(φ), for T tasks at once. It differs from maml.adapt where the
+    algorithm does: k mini-batches (the schedule) instead of k steps on the whole support set, an
+    inner optimizer (SGD, or Adam whose state carries over) instead of plain gradient steps, and no
+    first_order flag: every gradient is taken at the current φ_i and treated as a constant
+    (create_graph=False), which is what makes this family cheap (§2).
+    fast: (T, ...) tensors; x, y: (T, M, ...) the tasks' examples; schedule: k index tensors (T, b);
+    state: Adam's statistics, shaped like φ (every task starts from them) or per task (T, ...).
+    Returns φ̃, the updates u_i = φ_{i+1} − φ_i, the new state, and the last batch's loss and metric (T,)."""
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     updates = []
-    loss = metric = None
     for idx in schedule:
         idx = idx.to(x.device)
         xb, yb = x[rows, idx], y[rows, idx]                           # (T, b, ...)
@@ -179,23 +179,15 @@ def adapt(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=
     return {k: v.detach() for k, v in fast.items()}, updates, state, loss.detach(), metric
 
 
-def expand_state(state, tasks):
-    if state is None:
-        return None
-    return {"t": state["t"], "m": per_task(state["m"], tasks), "v": per_task(state["v"], tasks)}
-
-
 def meta_step(params, state, batch, schedule, problem, cfg, epsilon):
     """One outer iteration on n = T tasks. Returns the new φ, the new inner-optimizer state, and
     the per-task loss and metric of the last inner mini-batch (at φ_k, before its step).
     Nothing passed in is modified."""
     x, y, x_tail, y_tail = batch
-    T = x.shape[0]
     if cfg.tail == "separate":
         x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
-    fast, updates, new_state, loss, metric = adapt(
-        per_task(params, T), problem, x, y, schedule, cfg.inner_lr, cfg.inner_optimizer,
-        expand_state(state, T), cfg.adam_beta1)
+    fast, updates, new_state, loss, metric = adapt(per_task(params, x.shape[0]), problem, x, y, schedule,
+                                                   cfg.inner_lr, cfg.inner_optimizer, state, cfg.adam_beta1)
     if not torch.isfinite(loss).all():
         raise NonFiniteLoss(f"the inner loss is {loss.sum().item()}")
     chosen = parse_combination(cfg.combination, len(updates))
@@ -209,12 +201,9 @@ def meta_step(params, state, batch, schedule, problem, cfg, epsilon):
     # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
     # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
     new_params = {k: torch.lerp(params[k], target[k].mean(0), epsilon) for k in params}
-    if new_state is not None:
-        # The n tasks ran side by side from the same statistics; the reference code runs them one
-        # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
-        new_state = {"t": new_state["t"], "m": {k: v.mean(0) for k, v in new_state["m"].items()},
-                     "v": {k: v.mean(0) for k, v in new_state["v"].items()}}
-    return new_params, new_state, loss, metric
+    # The n tasks ran side by side from the same statistics; the reference code runs them one
+    # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
+    return new_params, map_state(new_state, lambda v: v.mean(0)), loss, metric
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,32 +220,29 @@ def curve_steps(eval_steps, bn_mode="transductive"):
 
 
 def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
-    """Per-task metric after each step in curve_steps(): {bn_mode: (steps, tasks) array}.
-    Each task starts from φ and from a copy of the training-time Adam statistics; both are
-    functional inputs here, so they are exactly as they were afterwards (§6.1: 'we did backup and
-    reset the Adam statistics when evaluating on the test set to avoid information leakage'),
-    and no task can see another's adaptation."""
-    steps = {mode: curve_steps(cfg.eval_steps, mode) for mode in bn_modes}
+    """Per-task metric after each step in curve_steps(): {bn_mode: (steps, tasks) array}. Each task
+    starts from φ and the training-time Adam statistics, which are functional inputs here and so are
+    exactly as they were afterwards (§6.1: 'we did backup and reset the Adam statistics when
+    evaluating on the test set to avoid information leakage'); no task sees another's adaptation."""
+    rows = {mode: {step: [] for step in curve_steps(cfg.eval_steps, mode)} for mode in bn_modes}
     g = torch.Generator().manual_seed(seed)   # the mini-batch order: the same for every model
-    rows = {mode: [[] for _ in steps[mode]] for mode in bn_modes}
     for x_s, y_s, x_q, y_q in batches:
         T = x_s.shape[0]
         # drawn task by task, so that the order does not depend on --eval-chunk
         per_task_schedules = [minibatch_schedule(1, x_s.shape[1], 0, cfg.eval_inner_batch, cfg.eval_steps,
                                                  "shared", False, g) for _ in range(T)]
         schedule = [torch.cat(parts) for parts in zip(*per_task_schedules)]
-        fast, task_state = per_task(params, T), expand_state(state, T)
+        fast, task_state = per_task(params, T), state
         for step in range(cfg.eval_steps + 1):
             if step > 0:
                 fast, _, task_state, _, _ = adapt(fast, problem, x_s, y_s, schedule[step - 1:step],
-                                                       cfg.inner_lr, cfg.inner_optimizer, task_state,
-                                                       cfg.adam_beta1)
+                                                  cfg.inner_lr, cfg.inner_optimizer, task_state, cfg.adam_beta1)
             with torch.no_grad():
-                for mode in bn_modes:
-                    if step in steps[mode]:
+                for mode, by_step in rows.items():
+                    if step in by_step:
                         out = predict(fast, problem.forward, x_s, x_q, mode)
-                        rows[mode][steps[mode].index(step)].append(problem.metric(out, y_q).cpu())
-    return {mode: torch.stack([torch.cat(r) for r in rs]).numpy() for mode, rs in rows.items()}
+                        by_step[step].append(problem.metric(out, y_q).cpu())
+    return {mode: torch.stack([torch.cat(r) for r in by_step.values()]).numpy() for mode, by_step in rows.items()}
 
 
 def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
@@ -270,7 +256,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Reptile and first-order MAML (Nichol et al. 2018). Flags left unset take the "
                     "paper's value for the chosen dataset (Appendix A, Tables 3-4; §4).",
-        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        allow_abbrev=False, formatter_class=maml.HelpFormatter)
     a = p.add_argument
     a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
       help="task distribution: sinusoid (§4), omniglot / miniimagenet (§6.1), or an image folder")
@@ -280,8 +266,7 @@ def build_parser():
     a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
     a("--shots", type=int, default=None, help="K, support examples per class at test time "
       "(paper: 1 or 5; sinusoid: 10 points)")
-    a("--query", type=int, default=1, help="test examples per class to classify after adaptation "
-      "(paper §6.1: 1)")
+    a("--query", type=int, default=1, help="test examples per class to classify after adaptation (paper §6.1: 1)")
     a("--train-shots", type=int, default=None, help="examples per class the inner loop sees in "
       "meta-training (paper: 10 Omniglot, 15 MiniImageNet; sinusoid demo: 50 points)")
     a("--tail-shots", type=int, default=None, help="separate tail (§6.3): examples per class, taken out of "
@@ -297,8 +282,8 @@ def build_parser():
       "held-out ones (separate, as Finn et al.); default: shared for reptile, separate for fomaml")
     a("--replacement", action="store_true", help="§6.3: draw each inner mini-batch at random "
       "instead of cycling through the shuffled training examples")
-    a("--inner-optimizer", choices=["adam", "sgd"], default=None,
-      help="inner-loop update U (paper: Adam with β1 = 0 for classification §6.1, vanilla SGD for §6.2 and the sinusoid; §6.3 does not say)")
+    a("--inner-optimizer", choices=["adam", "sgd"], default=None, help="inner-loop update U (paper: Adam "
+      "with β1 = 0 for classification §6.1, vanilla SGD for §6.2 and the sinusoid; §6.3 does not say)")
     a("--adam-beta1", type=float, default=0.0, help="inner Adam's β1 (paper: 0, 'momentum reduced performance')")
     a("--inner-lr", type=float, default=None, help="α, inner step size or Adam learning rate "
       "(paper: 0.001 Omniglot 5-way and MiniImageNet, 0.0005 20-way; sinusoid demo: SGD 0.02)")
@@ -335,9 +320,9 @@ def build_parser():
     a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
-    a("--plot", nargs="?", const="auto", default=None, help="save a figure (sinusoid: Fig. 1, random "
-      "init / MAML / Reptile before and after 32 steps, trains MAML too; classification: the "
-      "adaptation curve); needs matplotlib")
+    a("--plot", nargs="?", const="auto", default=None, help="save a figure: the sinusoid's Fig. 1 (random "
+      "init, MAML and Reptile before and after adaptation; trains MAML too) or the adaptation curve; "
+      "needs matplotlib")
     a("--maml-iterations", type=int, default=10000, help="sinusoid --plot: meta-iterations of the MAML "
       "panel of Fig. 1 (maml.py's second-order MAML, its §5.1 settings)")
     return p
@@ -345,10 +330,9 @@ def build_parser():
 
 def parse_combination(text, k):
     """'g1+g3' -> [0, 2] (0-based inner steps); 'gk' means the last one."""
-    terms = [t.strip() for t in text.split("+")]
     out = []
-    for t in terms:
-        m = re.fullmatch(r"g(\d+|k)", t)
+    for t in text.split("+"):
+        m = re.fullmatch(r"g(\d+|k)", t.strip())
         if not m:
             raise SystemExit(f"error: --combination {text!r}: each term must be g1, g2, ..., or gk, joined by '+'")
         i = k if m.group(1) == "k" else int(m.group(1))
@@ -381,12 +365,10 @@ def finalize_config(cfg):
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 10)
     for name in ("ways", "shots", "query", "train_shots", "tail_shots", "inner_batch", "inner_steps",
-                 "eval_inner_batch", "meta_batch_size", "iterations", "val_tasks", "test_tasks",
+                 "eval_steps", "eval_inner_batch", "meta_batch_size", "iterations", "val_tasks", "test_tasks",
                  "eval_chunk", "val_every", "maml_iterations"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if cfg.eval_steps < 0:
-        raise SystemExit("error: --eval-steps must be at least 0")
     if cfg.tail == "separate" and cfg.dataset != "sinusoid" and cfg.tail_shots >= cfg.train_shots:
         raise SystemExit(f"error: --tail-shots {cfg.tail_shots} leaves no training examples: the "
                          f"separate tail is carved out of the --train-shots {cfg.train_shots}")
@@ -406,9 +388,9 @@ def make_problems(cfg, device, splits):
     tail_shots held-out examples per class for a separate tail) and test episodes (K shots, and
     `query` examples per class to classify)."""
     if cfg.dataset == "sinusoid":
-        params = init_mlp([1, SINUSOID_HIDDEN, SINUSOID_HIDDEN, 1], torch.Generator().manual_seed(cfg.seed))
+        params = init_mlp(SINUSOID_SIZES, torch.Generator().manual_seed(cfg.seed))
 
-        def sample(split, tasks, generator, shots=None, query=None):
+        def sample(split, tasks, generator, shots=None):
             # §4: p points x ~ U[-5, 5]; the loss of Eq. (8) on 50 evenly spaced points (the query)
             b = data.sinusoid_tasks(tasks, shots or cfg.shots, 50, generator, "reptile", device)
             return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
@@ -437,19 +419,15 @@ def make_problems(cfg, device, splits):
 # not one of them: ε is annealed to 0 over it. maml.py merges the config, as for every script.
 OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
                      "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots"}
+
+
 def train(cfg, problem, sample_train, state):
-    """Alg. 1 / Eq. (5): meta-train φ."""
+    """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
-    inner_state = state.get("inner_state")
-    if inner_state is None and cfg.inner_optimizer == "adam":
-        inner_state = init_inner_state(params)
-    if inner_state is not None:
-        inner_state = {"t": inner_state["t"], "m": {k: v.to(device) for k, v in inner_state["m"].items()},
-                       "v": {k: v.to(device) for k, v in inner_state["v"].items()}}
-    task_gen, batch_gen = torch.Generator(), torch.Generator()
-    task_gen.manual_seed(cfg.seed)
-    batch_gen.manual_seed(cfg.seed + 1)
+    inner_state = map_state(state["inner_state"], lambda v: v.to(device))
+    task_gen = torch.Generator().manual_seed(cfg.seed)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
     if "rng" in state:  # resuming
         task_gen.set_state(state["rng"]["tasks"])
         batch_gen.set_state(state["rng"]["batches"])
@@ -457,10 +435,8 @@ def train(cfg, problem, sample_train, state):
     running = state.get("running")   # smoothed loss and metric of the last inner mini-batch
 
     def checkpoint(iteration):
-        inner = None if inner_state is None else {
-            "t": inner_state["t"], "m": {k: v.cpu() for k, v in inner_state["m"].items()},
-            "v": {k: v.cpu() for k, v in inner_state["v"].items()}}
-        return {"params": {k: v.cpu() for k, v in params.items()}, "inner_state": inner,
+        return {"params": {k: v.cpu() for k, v in params.items()},
+                "inner_state": map_state(inner_state, torch.Tensor.cpu),
                 "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
                 "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
 
@@ -509,30 +485,27 @@ def format_curve(curve, steps):
     return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
 
 
-def train_maml_sinusoid(cfg, iterations):
-    """The MAML panel of Fig. 1: maml.py's second-order MAML (1 step, α = 0.01, Adam 1e-3, 25
-    tasks, MAML §5.1) on the same 1→64→64→1 network and the same §4 tasks (10 points, loss on
-    the 50 even points). It is fine-tuned at test with its own α: MAML learns an initialization
-    for that step size, and Reptile's α = 0.02 makes its 32 steps diverge."""
+def train_maml_sinusoid(cfg, problem):
+    """The MAML panel of Fig. 1: maml.py's second-order MAML with its §5.1 settings (1 step,
+    α = 0.01, Adam 1e-3, 25 tasks) on the same 1→64→64→1 network and the same §4 tasks (K points,
+    loss on the 50 even points). Returns its φ and α: it is fine-tuned at test with its own α,
+    since MAML learns an initialization for that step size, and Reptile's α = 0.02 makes its 32
+    steps diverge."""
     from tqdm import tqdm
+    s = maml.PAPER_SETTINGS["sinusoid"]
+    mcfg = argparse.Namespace(inner_steps=s["inner_steps"], inner_lr=s["inner_lr"], first_order=False,
+                              task_chunk=None)
     g = torch.Generator().manual_seed(cfg.seed + 200)
-    params = {k: v.requires_grad_() for k, v in
-              init_mlp([1, SINUSOID_HIDDEN, SINUSOID_HIDDEN, 1], g).items()}
-
-    def sample(split, tasks, generator):
-        b = data.sinusoid_tasks(tasks, 10, 50, generator, "reptile")
-        return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
-    problem = Problem(params, mlp_forward, mse_per_task, mse_per_task, "mse", sample)
-    mcfg = argparse.Namespace(inner_steps=1, inner_lr=MAML_SINUSOID_LR, first_order=False, task_chunk=None)
-    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    for _ in tqdm(range(iterations), desc="MAML for Fig. 1", dynamic_ncols=True, mininterval=0.5):
-        maml.meta_step(params, optimizer, problem, sample("train", 25, g), mcfg)
-    return {k: v.detach() for k, v in params.items()}
+    params = {k: v.to(cfg.device).requires_grad_() for k, v in init_mlp(SINUSOID_SIZES, g).items()}
+    optimizer = torch.optim.Adam(params.values(), lr=s["outer_lr"])
+    for _ in tqdm(range(cfg.maml_iterations), desc="MAML for Fig. 1", dynamic_ncols=True, mininterval=0.5):
+        maml.meta_step(params, optimizer, problem, problem.sample("train", s["meta_batch_size"], g), mcfg)
+    return {k: v.detach() for k, v in params.items()}, mcfg.inner_lr
 
 
 def plot_sinusoid(path, cfg, problem, models):
-    """Fig. 1: one test sinusoid, 10 sampled points, each initialization before and after 32
-    steps of inner SGD. models: {name: (params, α)}."""
+    """Fig. 1: one test sinusoid, K sampled points, each initialization before and after k test
+    steps. models: {name: (φ, α, inner optimizer, its state)}, as in main()."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -544,10 +517,10 @@ def plot_sinusoid(path, cfg, problem, models):
     truth = b["amplitude"] * torch.sin(grid - b["phase"])
     schedule = minibatch_schedule(1, cfg.shots, 0, cfg.eval_inner_batch, cfg.eval_steps, "shared", False, g)
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False, sharey=True)
-    for ax, (name, (params, lr)) in zip(axes[0], models.items()):
-        params = {k: v.detach().cpu() for k, v in params.items()}
-        fast = per_task(params, 1)
-        after, _, _, _, _ = adapt(fast, problem, b["x_support"], b["y_support"], schedule, lr, "sgd")
+    for ax, (name, (params, lr, optimizer, state)) in zip(axes[0], models.items()):
+        fast = per_task({k: v.detach().cpu() for k, v in params.items()}, 1)
+        after = adapt(fast, problem, b["x_support"], b["y_support"], schedule, lr, optimizer,
+                      map_state(state, torch.Tensor.cpu), cfg.adam_beta1)[0]
         with torch.no_grad():
             ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--", label="before")
             ax.plot(grid[0, :, 0], mlp_forward(after, grid)[0, :, 0], label=f"after {cfg.eval_steps}")
@@ -568,7 +541,8 @@ def plot_curve(path, curves, cfg):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode, curve in curves.items():
         stats = [mean_ci(r) for r in curve]
-        ax.errorbar(curve_steps(cfg.eval_steps, mode), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=mode)
+        ax.errorbar(curve_steps(cfg.eval_steps, mode), [m for m, _ in stats], yerr=[c for _, c in stats],
+                    marker="o", capsize=3, label=mode)
     ax.set_xlabel("inner steps at test time")
     ax.set_ylabel("query accuracy")
     ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
@@ -583,8 +557,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     # Flags whose value differs from the default count as given (for --resume / --load).
-    defaults = vars(parser.parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     source = args.resume or args.load
     saved = load_checkpoint(source) if source else None
     if saved and "inner_state" not in saved:
@@ -593,8 +566,7 @@ def main(argv=None):
     if saved:   # --iterations may change only for a test: ε is annealed to 0 over it
         overridable = OVERRIDABLE_FLAGS | ({"iterations"} if args.eval_only else set())
         args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS, overridable)
-    cfg = args
-    cfg = finalize_config(cfg)
+    cfg = finalize_config(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
@@ -611,7 +583,8 @@ def main(argv=None):
                              f"(dataset {cfg.dataset}, ways {cfg.ways})")
         state = saved
     else:
-        state = {"params": problem.params, "iteration": 0}
+        adam = init_inner_state(problem.params) if cfg.inner_optimizer == "adam" else None
+        state = {"params": problem.params, "inner_state": adam, "iteration": 0}
 
     started = time.time()
     if not cfg.eval_only:
@@ -621,32 +594,30 @@ def main(argv=None):
             state = train(cfg, problem, sample_train, state)
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
-    inner_state = state.get("inner_state")
-    if inner_state is not None:
-        inner_state = {"t": inner_state["t"], "m": {k: v.to(device) for k, v in inner_state["m"].items()},
-                       "v": {k: v.to(device) for k, v in inner_state["v"].items()}}
+    inner_state = map_state(state["inner_state"], lambda v: v.to(device))
     results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
 
     started = time.time()
     if cfg.dataset == "sinusoid":
-        models = {"Reptile": (params, cfg.inner_lr)}
+        # name: (φ, α, inner optimizer, its state); Fig. 1's other two are fine-tuned with SGD, as MAML's are
+        models = {"Reptile": (params, cfg.inner_lr, cfg.inner_optimizer, inner_state)}
         if cfg.plot:
-            g = torch.Generator().manual_seed(cfg.seed + 100)
-            models = {"random init": (init_mlp([1, SINUSOID_HIDDEN, SINUSOID_HIDDEN, 1], g), cfg.inner_lr),
-                      "MAML": (train_maml_sinusoid(cfg, cfg.maml_iterations), MAML_SINUSOID_LR),
-                      "Reptile": (params, cfg.inner_lr)}
-            models = {name: ({k: v.to(device) for k, v in p.items()}, lr) for name, (p, lr) in models.items()}
+            random_init = init_mlp(SINUSOID_SIZES, torch.Generator().manual_seed(cfg.seed + 100))
+            models = {"random init": (random_init, cfg.inner_lr, "sgd", None),
+                      "MAML": (*train_maml_sinusoid(cfg, problem), "sgd", None), **models}
         print(f"\nsinusoid (§4): MSE on 50 even points ± 95% CI, {cfg.test_tasks} test tasks, "
-              f"K = {cfg.shots} points, after k SGD steps")
+              f"K = {cfg.shots} points, after k steps")
         results["test"] = {}
-        for name, (p, lr) in models.items():
-            curve = evaluate(p, problem, "test", cfg.test_tasks, cfg.seed + 2,
-                             argparse.Namespace(**{**vars(cfg), "inner_lr": lr}), None, ["transductive"])["transductive"]
+        for name, (p, lr, optimizer, inner) in models.items():
+            test_cfg = argparse.Namespace(**{**vars(cfg), "inner_lr": lr, "inner_optimizer": optimizer})
+            p = {k: v.to(device) for k, v in p.items()}   # the random init was drawn on the CPU
+            curve = evaluate(p, problem, "test", cfg.test_tasks, cfg.seed + 2, test_cfg, inner,
+                             ["transductive"])["transductive"]
             steps = curve_steps(cfg.eval_steps)
             print(f"  {name + f' α={lr}':<18} " + format_curve(curve, steps))
             results["test"][name] = {"inner_lr": lr, "steps": steps, "mse_by_step": [mean_ci(r) for r in curve]}
-        m, c = mean_ci(curve[-1])
+        m, c = mean_ci(curve[-1])   # Reptile's, the last model
         print(f"test_mse={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
         if cfg.plot:
             plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)

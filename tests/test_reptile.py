@@ -91,7 +91,7 @@ def test_batched_update_is_the_mean_of_task_deltas():
     new, new_state, _, _ = reptile.meta_step(problem.params, state, (x, y, x[:, :0], y[:, :0]), schedule,
                                              problem, cfg, 0.4)
     alone = [reptile.adapt(maml.per_task(problem.params, 1), problem, x[t:t + 1], y[t:t + 1],
-                                [s[t:t + 1] for s in schedule], 0.01, "adam", reptile.expand_state(state, 1))
+                                [s[t:t + 1] for s in schedule], 0.01, "adam", state)
              for t in range(T)]
     for name, p in problem.params.items():
         deltas = torch.stack([a[0][name][0] - p for a in alone])
