@@ -6,12 +6,12 @@ algorithm: the task environments, the Gaussian policy, sampling, the linear base
 policy-gradient loss and the TRPO meta-step. The algorithm file passes in its inner loop
 (`inner_adapt`), so maml.py adapts every policy parameter and anil.py only the head:
 
-    Alg. 3 line 3     sample a batch of tasks T_i ~ p(T)                    train(): family.sample_tasks
+    Alg. 3 line 3     sample a batch of tasks T_i ~ p(T)                    train(): task_family(env).sample_tasks
     Alg. 3 line 5     K trajectories D_i with f_θ                           sample()
     Alg. 3 lines 6-7  θ'_i = θ − α ∇θ L_Ti(f_θ), L of Eq. (4) by REINFORCE   inner_adapt (maml.py / anil.py)
     Alg. 3 line 8     trajectories D'_i with f_θ'_i                         sample()
     Alg. 3 line 10    meta-update on Σ_i L_Ti(f_θ'_i) with TRPO (§5.3)       trpo_step()
-    A.2               α for the first test step, α/2 after; best model kept  evaluate(), train()
+    A.2               α for the first test step, α/2 after; best model kept  adaptation_returns(), train()
 
 Symbols, as in maml.py:
     θ   params       policy parameters (fc1-3 of a 2×100 ReLU MLP, and a state-independent log σ)
@@ -72,6 +72,7 @@ def save_checkpoint(path, state):
         os.unlink(tmp)
         raise
 
+
 # ---------------------------------------------------------------------------------------------
 # Config: MAML §5.3 and A.2, with the reference PyTorch implementation's TRPO settings
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ def build_parser(prog, algorithm):
     a("--ls-steps", type=int, default=15, help="backtracking line-search steps")
     a("--ls-ratio", type=float, default=0.8, help="backtracking ratio")
     a("--val-every", type=int, default=None, help="validate every this many iterations (default: iterations / 20)")
-    a("--val-tasks", type=int, default=20, help="validation tasks; the best model by the return after one step is kept (A.2)")
+    a("--val-tasks", type=int, default=20, help="validation tasks; the best model by the return after one step "
+      "is kept (A.2)")
     a("--test-tasks", type=int, default=40, help="meta-test tasks")
     a("--eval-steps", type=int, default=3, help="gradient steps at test time (Fig. 4/5: up to 3)")
     a("--eval-episodes", type=int, default=40, help="trajectories per task and gradient step at test time "
@@ -178,11 +180,9 @@ def finalize_config(cfg):
 
 # ---------------------------------------------------------------------------------------------
 # Environments. Each task family has sample_tasks(n, rng=None) (rng: a numpy Generator, a seed,
-# or None for fresh entropy) and set_task(task); a vector of environments takes one task per
-# environment through set_attr("task", [...]).
+# or None for fresh entropy); a vector of environments takes one task per environment through
+# set_attr("task", [...]).
 # ---------------------------------------------------------------------------------------------
-
-
 
 class Navigation2DVectorEnv(gym.vector.VectorEnv):
     """§5.3 2D navigation for `num_envs` points at once, in numpy. A point starts at (0, 0); the
@@ -209,12 +209,7 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
     def sample_tasks(n, rng=None):
         return [{"goal": tuple(g)} for g in np.random.default_rng(rng).uniform(-0.5, 0.5, size=(n, 2))]
 
-    def set_task(self, task):
-        self.goals[:] = task["goal"]
-
-    def set_attr(self, name, values):
-        if name != "task":
-            raise AttributeError(f"Navigation2DVectorEnv has no settable attribute {name!r}")
+    def set_attr(self, name, values):   # name: "task", the one attribute sample() sets
         values = values if isinstance(values, (list, tuple)) else [values] * self.num_envs
         self.goals = np.array([v["goal"] for v in values], dtype=np.float64)
 
@@ -233,98 +228,64 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
         return self.positions.astype(np.float32), rewards, terminated, truncated, {}
 
 
+@dataclass(frozen=True)
+class Locomotion:
+    """A §5.3 locomotion task family. Direction tasks (v_max None): run forward or backward,
+    d = ±1 with equal probability, reward d·v_x. Velocity tasks: goal velocity U[0, v_max], reward
+    −|v_x − v_goal|. Both add bonus − ctrl_cost·Σa² + survive per step, and the ant the contact
+    cost (gymnasium's reward_contact, with contact_cost_weight)."""
+    env_id: str
+    v_max: float
+    ctrl_cost: float
+    bonus: float = 0.0
+    survive: float = 0.0
+    contact_cost_weight: float = None
+
+    def sample_tasks(self, n, rng=None):
+        rng = np.random.default_rng(rng)
+        if self.v_max is None:
+            return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], size=n)]
+        return [{"velocity": float(v)} for v in rng.uniform(0.0, self.v_max, size=n)]
+
+
+# The cheetah's control cost 0.05·Σa² is the 0.5·0.1 of the reference environments. The ant's costs
+# (rllab's and the reference environments' values): control 0.005·Σa², contact 5e-4·Σ clip(cfrc_ext, −1, 1)²
+# (gymnasium's reward_contact with contact_cost_weight = 5e-4), survive bonus 0.05 per step. Ant-v5 ends the
+# episode when the torso leaves z ∈ [0.2, 1]. A.2, ant-vel: "we added a positive reward bonus at each timestep
+# to prevent the ant from ending the episode"; its size, 1.0, is the reference environments'.
+LOCOMOTION = {
+    "halfcheetah-dir": Locomotion("HalfCheetah-v5", v_max=None, ctrl_cost=0.05),
+    "halfcheetah-vel": Locomotion("HalfCheetah-v5", v_max=2.0, ctrl_cost=0.05),
+    "ant-dir": Locomotion("Ant-v5", v_max=None, ctrl_cost=0.005, survive=0.05, contact_cost_weight=5e-4),
+    "ant-vel": Locomotion("Ant-v5", v_max=3.0, ctrl_cost=0.005, bonus=1.0, survive=0.05, contact_cost_weight=5e-4),
+}
+
+
 class LocomotionTask(gym.Wrapper):
-    """gymnasium's MuJoCo HalfCheetah-v5 / Ant-v5 with the reward of a MAML task (§5.3). Actions
-    are clipped to the action box before MuJoCo sees them, and the control cost is of the clipped
-    action, the control that was applied. Subclasses give the task distribution and the reward."""
+    """gymnasium's MuJoCo HalfCheetah-v5 / Ant-v5 with the reward of the MAML task `task` of the
+    family LOCOMOTION[name]. Actions are clipped to the action box before MuJoCo sees them, and
+    the control cost is of the clipped action, the control that was applied."""
 
-    def __init__(self, env):
+    def __init__(self, name, horizon):
+        family = LOCOMOTION[name]
+        kwargs = {} if family.contact_cost_weight is None else {"contact_cost_weight": family.contact_cost_weight}
+        try:
+            env = gym.make(family.env_id, max_episode_steps=horizon, **kwargs)
+        except (ImportError, gym.error.DependencyNotInstalled) as e:
+            raise SystemExit(f"error: {family.env_id} needs MuJoCo: pip install 'gymnasium[mujoco]' ({e})") from None
         super().__init__(env)
-        self._task = self.sample_tasks(1, np.random.default_rng(0))[0]
-
-    @property
-    def task(self):
-        return self._task
-
-    @task.setter
-    def task(self, task):
-        self.set_task(task)
-
-    def set_task(self, task):
-        self._task = dict(task)
+        self.family = family
+        self.task = family.sample_tasks(1, 0)[0]
 
     def step(self, action):
+        f, task = self.family, self.task
         action = np.clip(action, self.action_space.low, self.action_space.high)
         obs, _, terminated, truncated, info = self.env.step(action)
-        reward = self.task_reward(info, action)
+        v = info["x_velocity"]
+        progress = task["direction"] * v if "direction" in task else -abs(v - task["velocity"])
+        reward = (progress + f.bonus - f.ctrl_cost * float(np.square(action).sum())
+                  + info.get("reward_contact", 0.0) + f.survive)
         return obs, reward, terminated, truncated, info
-
-
-class HalfCheetahDir(LocomotionTask):
-    # §5.3: run forward or backward, d = ±1 with equal probability; reward d·v_x − 0.05·Σa²
-    # (the 0.5·0.1 control cost of the reference environments).
-    @staticmethod
-    def sample_tasks(n, rng=None):
-        return [{"direction": float(d)} for d in np.random.default_rng(rng).choice([-1.0, 1.0], size=n)]
-
-    def task_reward(self, info, action):
-        return self.task["direction"] * info["x_velocity"] - 0.05 * float(np.square(action).sum())
-
-
-class HalfCheetahVel(LocomotionTask):
-    # §5.3: goal velocity U[0, 2]; reward −|v_x − v_goal| − 0.05·Σa²
-    @staticmethod
-    def sample_tasks(n, rng=None):
-        return [{"velocity": float(v)} for v in np.random.default_rng(rng).uniform(0.0, 2.0, size=n)]
-
-    def task_reward(self, info, action):
-        return -abs(info["x_velocity"] - self.task["velocity"]) - 0.05 * float(np.square(action).sum())
-
-
-# The ant's costs (rllab's and the reference environments' values): control 0.005·Σa², contact
-# 5e-4·Σ clip(cfrc_ext, −1, 1)² (gymnasium's reward_contact with contact_cost_weight = 5e-4),
-# survive bonus 0.05 per step. Ant-v5 ends the episode when the torso leaves z ∈ [0.2, 1].
-ANT_CTRL_COST, ANT_CONTACT_COST, ANT_SURVIVE = 0.005, 5e-4, 0.05
-
-
-class AntDir(LocomotionTask):
-    # §5.3: forward or backward along x, d = ±1; reward d·v_x − costs + survive bonus
-    @staticmethod
-    def sample_tasks(n, rng=None):
-        return [{"direction": float(d)} for d in np.random.default_rng(rng).choice([-1.0, 1.0], size=n)]
-
-    def task_reward(self, info, action):
-        return (self.task["direction"] * info["x_velocity"] - ANT_CTRL_COST * float(np.square(action).sum())
-                + info["reward_contact"] + ANT_SURVIVE)
-
-
-class AntVel(LocomotionTask):
-    # §5.3: goal velocity U[0, 3]. A.2: "we added a positive reward bonus at each timestep to
-    # prevent the ant from ending the episode"; its size, 1.0, is the reference environments'.
-    VELOCITY_BONUS = 1.0
-
-    @staticmethod
-    def sample_tasks(n, rng=None):
-        return [{"velocity": float(v)} for v in np.random.default_rng(rng).uniform(0.0, 3.0, size=n)]
-
-    def task_reward(self, info, action):
-        return (-abs(info["x_velocity"] - self.task["velocity"]) + self.VELOCITY_BONUS
-                - ANT_CTRL_COST * float(np.square(action).sum()) + info["reward_contact"] + ANT_SURVIVE)
-
-
-LOCOMOTION = {"halfcheetah-dir": ("HalfCheetah-v5", HalfCheetahDir, {}),
-              "halfcheetah-vel": ("HalfCheetah-v5", HalfCheetahVel, {}),
-              "ant-dir": ("Ant-v5", AntDir, {"contact_cost_weight": ANT_CONTACT_COST}),
-              "ant-vel": ("Ant-v5", AntVel, {"contact_cost_weight": ANT_CONTACT_COST})}
-
-
-def make_locomotion(name, horizon):
-    env_id, wrapper, kwargs = LOCOMOTION[name]
-    try:
-        env = gym.make(env_id, max_episode_steps=horizon, **kwargs)
-    except (ImportError, gym.error.DependencyNotInstalled) as e:
-        raise SystemExit(f"error: {env_id} needs MuJoCo: pip install 'gymnasium[mujoco]' ({e})") from None
-    return wrapper(env)
 
 
 def task_vectors(tasks):
@@ -333,17 +294,15 @@ def task_vectors(tasks):
 
 
 def task_family(name):
-    """The class whose sample_tasks(n, rng) draws this family's tasks."""
-    return Navigation2DVectorEnv if name == "navigation2d" else LOCOMOTION[name][1]
+    """The object whose sample_tasks(n, rng) draws this family's tasks."""
+    return Navigation2DVectorEnv if name == "navigation2d" else LOCOMOTION[name]
 
 
 def make_vector_env(name, num_envs, horizon, vector="sync"):
     if name == "navigation2d":
         return Navigation2DVectorEnv(num_envs, horizon)   # numpy: already one batched computation
-    make = partial(make_locomotion, name, horizon)
-    if vector == "async":
-        return gym.vector.AsyncVectorEnv([make] * num_envs)
-    return gym.vector.SyncVectorEnv([make] * num_envs)
+    make = partial(LocomotionTask, name, horizon)
+    return (gym.vector.AsyncVectorEnv if vector == "async" else gym.vector.SyncVectorEnv)([make] * num_envs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,19 +417,14 @@ def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling", o
                 break
         for k in ("rewards", "mask"):
             rec[k] = [torch.from_numpy(np.asarray(v, dtype=np.float32)).reshape(per_round, K) for v in rec[k]]
-        means, actions = torch.stack(rec.pop("means"), 2), torch.stack(rec["actions"], 2)   # (R, K, steps, A)
-        rec["log_prob"] = [gaussian_log_prob((means.flatten(1, 2), p["log_std"]), actions.flatten(1, 2))
-                           .reshape(per_round, K, -1)]
-        steps = len(rec["obs"])
+        batch = {k: torch.stack(v, 2) for k, v in rec.items()}               # (R, K, steps, ...)
+        means, m, steps = batch.pop("means"), batch["mask"], len(rec["obs"])
+        batch["log_prob"] = gaussian_log_prob((means.flatten(1, 2), p["log_std"]),
+                                              batch["actions"].flatten(1, 2)).reshape(m.shape)
         bar.update(horizon - steps)
-        batch = {k: (torch.stack(v, 2) if k != "log_prob" else v[0])[:len(idx)]
-                 for k, v in rec.items()}                                 # (tasks, K, steps, ...)
-        for k in ("obs", "actions", "rewards", "log_prob"):   # padding is zero, whatever the env did
-            m = batch["mask"]
-            batch[k] = batch[k] * (m.unsqueeze(-1) if batch[k].dim() == 4 else m)
-        if steps < horizon:   # every episode ended early: pad to H with masked steps
-            batch = {k: F.pad(v, (0, 0) * (v.dim() - 3) + (0, horizon - steps)) for k, v in batch.items()}
-        parts.append(batch)
+        # zero after an episode ended, whatever the env did; padded to H if every episode ended early
+        parts.append({k: F.pad((v * (m.unsqueeze(-1) if v.dim() == 4 else m))[:len(idx)],
+                               (0, 0) * (v.dim() - 3) + (0, horizon - steps)) for k, v in batch.items()})
     bar.close()
     return Episodes(**{k: torch.cat([b[k] for b in parts]) for k in parts[0]})
 
@@ -478,16 +432,6 @@ def sample(envs, params, tasks, episodes, horizon, generator, desc="sampling", o
 # ---------------------------------------------------------------------------------------------
 # Advantages: the linear feature baseline (Duan et al. 2016) and GAE
 # ---------------------------------------------------------------------------------------------
-
-def discounted_returns(rewards, mask, gamma):
-    """G_t = r_t + γ G_{t+1}, within each episode: (..., H) -> (..., H)."""
-    out = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[..., 0])
-    for t in reversed(range(rewards.shape[-1])):
-        running = (rewards[..., t] + gamma * running) * mask[..., t]
-        out[..., t] = running
-    return out
-
 
 def baseline_features(obs, mask):
     """[o, o², t, t², t³, 1] with t = step / 100 (Duan et al.), zero on padded steps:
@@ -516,7 +460,8 @@ def fit_baseline(obs, returns, mask, reg=1e-5, attempts=5):
 
 def gae(rewards, values, mask, gamma, lam):
     """Generalized advantage estimation: δ_t = r_t + γ V_{t+1} − V_t, A_t = Σ_l (γλ)^l δ_{t+l},
-    with V = 0 past the end of an episode. λ = 1 gives G_t − V_t."""
+    with V = 0 past the end of an episode. λ = 1 gives G_t − V_t; λ = 1 with values
+    0 gives the discounted return G_t = r_t + γ G_{t+1}. (..., H) -> (..., H)."""
     next_values = F.pad(values[..., 1:] * mask[..., 1:], (0, 1))
     deltas = (rewards + gamma * next_values - values) * mask
     adv = torch.zeros_like(rewards)
@@ -533,7 +478,8 @@ def weighted_mean(x, mask, dims):
 
 def compute_advantages(ep, gamma, lam):
     """The baseline fitted on this batch, GAE, and normalization per task over its valid steps."""
-    values = fit_baseline(ep.obs, discounted_returns(ep.rewards, ep.mask, gamma), ep.mask)
+    returns = gae(ep.rewards, torch.zeros_like(ep.rewards), ep.mask, gamma, 1.0)      # G_t
+    values = fit_baseline(ep.obs, returns, ep.mask)
     adv = gae(ep.rewards, values, ep.mask, gamma, lam)
     mean = weighted_mean(adv, ep.mask, (1, 2)).reshape(-1, 1, 1)
     std = weighted_mean((adv - mean) ** 2, ep.mask, (1, 2)).sqrt().reshape(-1, 1, 1)
@@ -638,8 +584,7 @@ def trpo_step(params, objective, max_kl, cg_iters, cg_damping, ls_steps, ls_rati
     kl, dist, mask). The step direction solves H s = −g by conjugate gradient, H the Hessian of
     the KL; its length puts ½ sᵀHs at max_kl; the line search shrinks it by ls_ratio until the
     loss improves and the KL is within bounds, else θ stays. Returns a dict of diagnostics."""
-    keys = list(params)
-    tensors = [params[k] for k in keys]
+    tensors = list(params.values())
     loss, kl, dist, mask = objective(params, create_graph=True)
     g = flat(torch.autograd.grad(loss, tensors, retain_graph=True, materialize_grads=True))
     if hvp_mode == "gauss-newton":
@@ -655,11 +600,9 @@ def trpo_step(params, objective, max_kl, cg_iters, cg_damping, ls_steps, ls_rati
     old = flat(tensors).detach()
 
     def assign(vector):
-        offset = 0
-        for k, t in zip(keys, tensors):
-            with torch.no_grad():
-                t.copy_(vector[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        with torch.no_grad():
+            for t, v in zip(tensors, vector.split([t.numel() for t in tensors])):
+                t.copy_(v.view_as(t))
 
     for i in range(ls_steps):
         assign(old + ls_ratio ** i * full_step)
@@ -725,11 +668,13 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
 # Evaluation: return per episode before adaptation and after 1..eval_steps steps (Fig. 4/5)
 # ---------------------------------------------------------------------------------------------
 
-def adaptation_returns(params, inner_adapt, envs, tasks, cfg, generator, device, steps, episodes):
-    """Mean return per episode of each task after 0..steps gradient steps: (steps+1, tasks).
-    A.2: α for the first step, α/2 for the later ones. Each step samples `episodes` fresh episodes."""
-    T = len(tasks)
-    fast = per_task({k: v.detach() for k, v in params.items()}, T)
+def adaptation_returns(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes):
+    """Mean return per episode of each of n_tasks tasks, the same for every model with this seed,
+    after 0..steps gradient steps: (steps+1, n_tasks). A.2: α for the first step, α/2 for the
+    later ones. Each step samples `episodes` fresh episodes."""
+    tasks = task_family(cfg.env).sample_tasks(n_tasks, np.random.default_rng(seed))
+    generator = torch.Generator().manual_seed(seed)
+    fast = per_task({k: v.detach() for k, v in params.items()}, n_tasks)
     rows = []
     for step in range(steps + 1):
         ep = sample(envs, cpu_copy(fast), tasks, episodes, cfg.horizon, generator, f"eval step {step}",
@@ -743,21 +688,7 @@ def adaptation_returns(params, inner_adapt, envs, tasks, cfg, generator, device,
     return np.stack(rows)
 
 
-def seeded_tasks(cfg, n, seed):
-    return task_family(cfg.env).sample_tasks(n, np.random.default_rng(seed))
-
-
-def evaluate(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes):
-    g = torch.Generator().manual_seed(seed)
-    return adaptation_returns(params, inner_adapt, envs, seeded_tasks(cfg, n_tasks, seed), cfg, g, device, steps,
-                              episodes)
-
-
-def format_returns(curve):
-    return "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
-
-
-def plot_returns(path, curve, cfg, algorithm):
+def plot_returns(path, stats, cfg, algorithm):
     """MAML Fig. 4/5: return per episode against gradient steps, with the curves of the runs
     given by --plot-with (their --out JSON files) on the same axes."""
     import matplotlib
@@ -765,7 +696,7 @@ def plot_returns(path, curve, cfg, algorithm):
     import matplotlib.pyplot as plt
     def label(config, algorithm):
         return config.get("compare") or algorithm.upper() + (" (first-order)" if config.get("first_order") else "")
-    curves = [(label(vars(cfg), algorithm), [mean_ci(r) for r in curve])]
+    curves = [(label(vars(cfg), algorithm), stats)]
     for other in cfg.plot_with or []:
         with open(other) as f:
             run = json.load(f)
@@ -802,7 +733,6 @@ def train(cfg, state, test_adapt, algorithm):
         generator.set_state(state["rng"]["sampling"])
     history = state.get("history", [])
     envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
-    family = task_family(cfg.env)
 
     def checkpoint(iteration):
         return {"params": cpu_copy(params), "config": vars(cfg), "iteration": iteration, "algorithm": algorithm,
@@ -815,7 +745,7 @@ def train(cfg, state, test_adapt, algorithm):
                dynamic_ncols=True, mininterval=0.5)
     started = time.time()
     for it in bar:
-        tasks = family.sample_tasks(cfg.meta_batch_size, task_rng)       # Alg. 3 line 3
+        tasks = task_family(cfg.env).sample_tasks(cfg.meta_batch_size, task_rng)   # Alg. 3 line 3
         info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device)
         if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
                 not all(torch.isfinite(v).all() for v in params.values()):
@@ -828,7 +758,8 @@ def train(cfg, state, test_adapt, algorithm):
         done = it + 1
         if done % cfg.val_every == 0 or done == cfg.iterations:
             # A.2 keeps the model with the best return; we measure it on fixed validation tasks
-            val = evaluate(params, test_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device, cfg.episodes)
+            val = adaptation_returns(params, test_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device,
+                                     cfg.episodes)
             line = {"iteration": done, "train_return_before": round(info["return_before"], 3),
                     "train_return_after": round(info["return_after"], 3),
                     "val_return_before": round(float(val[0].mean()), 3),
@@ -898,17 +829,18 @@ def run(cfg, saved, inner_adapt, algorithm):
     params = {k: v.to(device) for k, v in chosen.items()}
     # as many tasks side by side as in training, each with its eval_episodes
     envs = make_vector_env(cfg.env, cfg.num_envs // cfg.episodes * cfg.eval_episodes, cfg.horizon, cfg.vector)
-    curve = evaluate(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device,
-                     cfg.eval_episodes)
+    curve = adaptation_returns(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device,
+                               cfg.eval_episodes)
     envs.close()
+    stats = [mean_ci(r) for r in curve]
     print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.eval_episodes} episodes per step, "
           f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps (α = {cfg.inner_lr}, then α/2):")
-    print("  " + format_returns(curve))
-    print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(mean_ci(r) for r in curve)))
-    results["test"] = {"return_by_step": [mean_ci(r) for r in curve]}
+    print("  " + "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(stats)))
+    print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(stats)))
+    results["test"] = {"return_by_step": stats}
     results["eval_seconds"] = round(time.time() - started - results["train_seconds"], 1)
     if cfg.plot:
-        plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot, curve, cfg, algorithm)
+        plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot, stats, cfg, algorithm)
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(results, f, indent=1, default=str)

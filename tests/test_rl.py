@@ -185,7 +185,7 @@ def test_gae_with_lambda_one_is_the_discounted_return_minus_the_baseline():
             n = int(mask[i, j].sum())
             for t in range(n):
                 returns[i, j, t] = sum(gamma ** (u - t) * rewards[i, j, u] for u in range(t, n))
-    assert torch.allclose(rl.discounted_returns(rewards, mask, gamma), returns, atol=1e-5)
+    assert torch.allclose(rl.gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0), returns, atol=1e-5)
     assert torch.allclose(rl.gae(rewards, values, mask, gamma, 1.0), (returns - values) * mask, atol=1e-5)
     # λ = 0: the one-step TD error
     next_v = torch.cat([values[..., 1:] * mask[..., 1:], torch.zeros(T, K, 1)], -1)
@@ -323,8 +323,8 @@ def test_sampler_masks_steps_after_an_episode_ends_and_is_seeded():
 
 
 def _step_and_check(name, task, check, steps=5):
-    env = rl.make_locomotion(name, 200)
-    env.set_task(task)
+    env = rl.LocomotionTask(name, 200)
+    env.task = task
     env.reset(seed=0)
     raw = env.unwrapped
     rng = np.random.default_rng(0)
@@ -352,7 +352,7 @@ def test_halfcheetah_rewards_match_the_formulas():
                     lambda v, a, raw: -v - 0.05 * np.square(a).sum())
     _step_and_check("halfcheetah-vel", {"velocity": 1.3},
                     lambda v, a, raw: -abs(v - 1.3) - 0.05 * np.square(a).sum())
-    assert rl.make_locomotion("halfcheetah-dir", 200).unwrapped.dt == pytest.approx(0.05)
+    assert rl.LocomotionTask("halfcheetah-dir", 200).unwrapped.dt == pytest.approx(0.05)
 
 
 def test_ant_rewards_match_the_formulas():
@@ -370,10 +370,10 @@ def test_task_distributions():
     rng = np.random.default_rng(0)
     goals = np.array([t["goal"] for t in rl.Navigation2DVectorEnv.sample_tasks(2000, rng)])
     assert goals.min() >= -0.5 and goals.max() <= 0.5 and abs(goals.mean()) < 0.02
-    assert {t["direction"] for t in rl.HalfCheetahDir.sample_tasks(100, rng)} == {-1.0, 1.0}
-    v = [t["velocity"] for t in rl.HalfCheetahVel.sample_tasks(2000, rng)]
+    assert {t["direction"] for t in rl.LOCOMOTION["halfcheetah-dir"].sample_tasks(100, rng)} == {-1.0, 1.0}
+    v = [t["velocity"] for t in rl.LOCOMOTION["halfcheetah-vel"].sample_tasks(2000, rng)]
     assert 0 <= min(v) and max(v) <= 2 and abs(np.mean(v) - 1) < 0.05
-    v = [t["velocity"] for t in rl.AntVel.sample_tasks(2000, rng)]
+    v = [t["velocity"] for t in rl.LOCOMOTION["ant-vel"].sample_tasks(2000, rng)]
     assert 0 <= min(v) and max(v) <= 3 and abs(np.mean(v) - 1.5) < 0.07
 
 
