@@ -179,7 +179,7 @@ def adapt(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=
     return {k: v.detach() for k, v in fast.items()}, updates, state, loss.detach(), metric
 
 
-def meta_step(params, state, batch, schedule, problem, cfg, epsilon):
+def meta_step(params, state, problem, batch, cfg, schedule, epsilon):
     """One outer iteration on n = T tasks. Returns the new φ, the new inner-optimizer state, and
     the per-task loss and metric of the last inner mini-batch (at φ_k, before its step).
     Nothing passed in is modified."""
@@ -219,7 +219,7 @@ def curve_steps(eval_steps, bn_mode="transductive"):
     return sorted({s for s in (0, 1, 5, 10) if s <= eval_steps} | {eval_steps})
 
 
-def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
+def adaptation_curve(params, problem, batches, cfg, state, bn_modes, seed):
     """Per-task metric after each step in curve_steps(): {bn_mode: (steps, tasks) array}. Each task
     starts from φ and the training-time Adam statistics, which are functional inputs here and so are
     exactly as they were afterwards (§6.1: 'we did backup and reset the Adam statistics when
@@ -247,7 +247,7 @@ def adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed):
 
 def evaluate(params, problem, split, tasks, seed, cfg, state, bn_modes):
     batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
-    return adaptation_curve(params, state, problem, batches, cfg, bn_modes, seed + 1000)
+    return adaptation_curve(params, problem, batches, cfg, state, bn_modes, seed + 1000)
 
 
 # ---- Below: what the paper does not contain: command line, data, checkpoints, training loop, plots ----
@@ -452,8 +452,8 @@ def train(cfg, problem, sample_train, state):
         schedule = minibatch_schedule(cfg.meta_batch_size, n_train, n_tail, cfg.inner_batch,
                                       cfg.inner_steps, cfg.tail, cfg.replacement, batch_gen)
         try:
-            params, inner_state, loss, metric = meta_step(params, inner_state, batch, schedule, problem,
-                                                          cfg, epsilon_at(cfg, it))
+            params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
+                                                          epsilon_at(cfg, it))
         except NonFiniteLoss as e:
             bar.close()
             kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""

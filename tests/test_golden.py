@@ -168,8 +168,8 @@ def test_reptile_meta_update():
                           combination="g1+g2+g3", combine="sum")
     schedule = reptile.minibatch_schedule(2, 12, 0, 5, 3, "shared", False, torch.Generator().manual_seed(1))
     x, y = batch[0], batch[1]
-    new, state, _, _ = reptile.meta_step(params, reptile.init_inner_state(params), (x, y, x[:, :0], y[:, :0]),
-                                         schedule, problem, cfg, 0.5)
+    new, state, _, _ = reptile.meta_step(params, reptile.init_inner_state(params), problem,
+                                         (x, y, x[:, :0], y[:, :0]), cfg, schedule, 0.5)
     check("reptile meta-update", summary({k: new[k] - params[k] for k in params}) | summary(state["v"]))
 
 

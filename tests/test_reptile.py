@@ -66,8 +66,7 @@ def test_one_sgd_step_reptile_is_sgd_on_the_expected_loss(epsilon):
     x, y, _, _ = sinusoid(tasks=4, points=6)
     cfg = cfg_for(inner_lr=0.05, combination="g1")
     schedule = [torch.arange(6).expand(4, 6)]
-    new, _, _, _ = reptile.meta_step(problem.params, None, (x, y, x[:, :0], y[:, :0]), schedule, problem,
-                                     cfg, epsilon)
+    new, _, _, _ = reptile.meta_step(problem.params, None, problem, (x, y, x[:, :0], y[:, :0]), cfg, schedule, epsilon)
     theta = {k: v.clone().requires_grad_() for k, v in problem.params.items()}
     expected_loss = problem.loss(problem.forward(maml.per_task(theta, 4), x), y).mean()
     grads = torch.autograd.grad(expected_loss, list(theta.values()))
@@ -88,8 +87,8 @@ def test_batched_update_is_the_mean_of_task_deltas():
     state = reptile.init_inner_state(problem.params)
     g = torch.Generator().manual_seed(5)
     state = {"t": 3, "m": state["m"], "v": {n: torch.rand(v.shape, generator=g, dtype=D) * 1e-3 for n, v in state["v"].items()}}
-    new, new_state, _, _ = reptile.meta_step(problem.params, state, (x, y, x[:, :0], y[:, :0]), schedule,
-                                             problem, cfg, 0.4)
+    new, new_state, _, _ = reptile.meta_step(problem.params, state, problem, (x, y, x[:, :0], y[:, :0]), cfg,
+                                             schedule, 0.4)
     alone = [reptile.adapt(maml.per_task(problem.params, 1), problem, x[t:t + 1], y[t:t + 1],
                                 [s[t:t + 1] for s in schedule], 0.01, "adam", state)
              for t in range(T)]
@@ -107,7 +106,7 @@ def test_epsilon_one_and_one_task_lands_on_the_adapted_weights():
     x, y = images(1, 3, 4)
     schedule = reptile.minibatch_schedule(1, 12, 0, 6, 3, "shared", False, torch.Generator().manual_seed(1))
     cfg = cfg_for(inner_lr=0.3, combination="g1+g2+g3")
-    new, _, _, _ = reptile.meta_step(problem.params, None, (x, y, x[:, :0], y[:, :0]), schedule, problem, cfg, 1.0)
+    new, _, _, _ = reptile.meta_step(problem.params, None, problem, (x, y, x[:, :0], y[:, :0]), cfg, schedule, 1.0)
     fast, _, _, _, _ = reptile.adapt(maml.per_task(problem.params, 1), problem, x, y, schedule, 0.3, "sgd")
     for name in new:
         assert torch.equal(new[name], fast[name][0]), name
@@ -123,7 +122,7 @@ def test_fomaml_separate_tail_is_the_gradient_on_held_out_data_at_the_adapted_we
     schedule = reptile.minibatch_schedule(1, 8, 8, 4, 3, "separate", False, torch.Generator().manual_seed(0))
     assert schedule[-1].tolist() == [list(range(8, 16))]
     assert all(int(s.max()) < 8 for s in schedule[:-1])
-    new, _, _, _ = reptile.meta_step(problem.params, None, (x, y, x_tail, y_tail), schedule, problem, cfg, 0.5)
+    new, _, _, _ = reptile.meta_step(problem.params, None, problem, (x, y, x_tail, y_tail), cfg, schedule, 0.5)
     phi = maml.per_task(problem.params, 1)
     for s in schedule[:-1]:   # φ_k: k − 1 = 2 SGD steps on the training mini-batches
         phi = {k: v.detach().requires_grad_() for k, v in phi.items()}
@@ -140,9 +139,9 @@ def test_mean_combination_divides_the_sum():
     x, y, _, _ = sinusoid(tasks=2, points=6)
     schedule = reptile.minibatch_schedule(2, 6, 0, 3, 4, "shared", False, torch.Generator().manual_seed(0))
     batch = (x, y, x[:, :0], y[:, :0])
-    s, _, _, _ = reptile.meta_step(problem.params, None, batch, schedule, problem, cfg_for(combination="g2+g4"), 1.0)
-    m, _, _, _ = reptile.meta_step(problem.params, None, batch, schedule, problem,
-                                   cfg_for(combination="g2+g4", combine="mean"), 1.0)
+    s, _, _, _ = reptile.meta_step(problem.params, None, problem, batch, cfg_for(combination="g2+g4"), schedule, 1.0)
+    m, _, _, _ = reptile.meta_step(problem.params, None, problem, batch,
+                                   cfg_for(combination="g2+g4", combine="mean"), schedule, 1.0)
     for k, p in problem.params.items():
         torch.testing.assert_close(m[k] - p, (s[k] - p) / 2)
 
@@ -183,8 +182,8 @@ def expected_updates(A, c, phi, k, alpha):
     batch = (x, y, x[:, :0], y[:, :0])
     out = {}
     for name, combination in (("reptile", "+".join(f"g{i + 1}" for i in range(k))), ("fomaml", "gk")):
-        new, _, _, _ = reptile.meta_step({"phi": phi}, None, batch, schedule, problem,
-                                         cfg_for(inner_lr=alpha, combination=combination), 1.0)
+        new, _, _, _ = reptile.meta_step({"phi": phi}, None, problem, batch,
+                                         cfg_for(inner_lr=alpha, combination=combination), schedule, 1.0)
         out[name] = (phi - new["phi"]) / alpha
     theta = phi.clone().requires_grad_()
     fast = maml.per_task({"phi": theta}, T)
@@ -309,8 +308,8 @@ def test_evaluation_leaves_parameters_and_adam_state_untouched_and_leaks_nothing
     task = lambda x, y: (x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])   # 1 support + 1 query per class
 
     def run(tasks):
-        return reptile.adaptation_curve(problem.params, state, problem, tasks, cfg,
-                                        ["transductive", "nontransductive"], seed=0)
+        return reptile.adaptation_curve(problem.params, problem, tasks, cfg, state, ["transductive", "nontransductive"],
+                                        seed=0)
     one_by_one = run([task(xa, ya), task(xb, yb)])
     other_first = run([task(xc, yc), task(xb, yb)])
     for mode in one_by_one:
@@ -448,11 +447,11 @@ def test_resume_after_a_crash_continues_identically(omniglot_dir, tmp_path, monk
     calls = {"n": 0}
     original = reptile.meta_step
 
-    def poisoned(params, state, batch, *rest):
+    def poisoned(params, state, problem, batch, *rest):
         calls["n"] += 1
         if calls["n"] == 5:
             batch = (batch[0] * float("nan"),) + tuple(batch[1:])
-        return original(params, state, batch, *rest)
+        return original(params, state, problem, batch, *rest)
     monkeypatch.setattr(reptile, "meta_step", poisoned)
     ckpt = tmp_path / "crash.pt"
     with pytest.raises(SystemExit, match=r"inner loss is nan at iteration 5.*last good checkpoint"):
