@@ -28,7 +28,6 @@ Run:    python anil.py                                    (sinusoid regression, 
         python anil.py --help                             (every flag with its paper symbol and value)
 """
 
-import json
 from functools import partial
 import re
 import sys
@@ -395,10 +394,8 @@ def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
     saved = maml.load_checkpoint(source) if source else None
     if saved and saved["config"].get("env"):
         raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
-    if saved and args.resume and saved.get("algorithm", "maml") != "anil":
-        raise SystemExit(f"error: {source} was trained by {saved.get('algorithm', 'maml')}.py; --resume "
-                         f"continues ANIL training only from an anil.py checkpoint (use --load to test it)")
-    if saved:
+    if saved:   # ANIL resumes its own training; a MAML model may be tested (the freezing study's "1-4")
+        maml.refuse_foreign(saved, source, {"anil"} if args.resume else {"anil", "maml"})
         args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS | analysis_flags)
     return maml.finalize_config(args), saved
 
@@ -457,7 +454,7 @@ def main(argv=None):
     if cfg.timing:
         print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         maml.seed_everything(cfg.seed)
-        return write(cfg, {"config": vars(cfg), "timing": timing(cfg)})
+        return maml.write_results(cfg.out, {"config": vars(cfg), "timing": timing(cfg)})
     splits, problem, net, state = setup(cfg, saved)
     if saved and saved.get("algorithm", "maml") != "anil":
         print(f"note: {cfg.load} was trained by maml.py; its test below uses ANIL's head-only inner loop "
@@ -487,16 +484,9 @@ def main(argv=None):
         results["freeze_table"] = freeze_table(cfg, problem, net, params)
     if cfg.similarity:
         results["similarity"] = similarity(cfg, problem, net, params, splits)
-        if cfg.plot:
-            plot_similarity("anil_similarity.png" if cfg.plot == "auto" else cfg.plot, results["similarity"], cfg)
-    return write(cfg, results)
-
-
-def write(cfg, results):
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"wrote {cfg.out}")
+    maml.write_results(cfg.out, results)
+    if cfg.plot and cfg.similarity:
+        plot_similarity("anil_similarity.png" if cfg.plot == "auto" else cfg.plot, results["similarity"], cfg)
     return results
 
 

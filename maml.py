@@ -436,7 +436,8 @@ def build_parser():
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a("--out", default=None, help="write the config and final metrics to this JSON file")
     a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
+      "only --iterations, --inner-lr, --outer-lr and the evaluation flags may differ from it")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure (maml.py: the sinusoid "
@@ -482,6 +483,42 @@ def check_session_flags(cfg):
         raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    check_output_paths(cfg)
+
+
+def check_output_paths(cfg):
+    """--out, --save and --plot are checked before any data is loaded or any step is trained, so that
+    a typo in a folder name cannot cost a finished run. A missing folder is created, as for --save."""
+    plot = None if cfg.plot == "auto" else cfg.plot
+    for flag, path in (("--out", cfg.out), ("--save", cfg.save), ("--plot", plot)):
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable")
+
+
+def write_results(path, results):
+    """The --out JSON, written before any figure. If it still cannot be written (disk full, folder
+    removed), the results go to a file in the temporary folder and the run exits non-zero, saying where."""
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        except OSError as e:
+            fd, spare = tempfile.mkstemp(prefix="results-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+            raise SystemExit(f"error: could not write --out {path} ({e.strerror}); "
+                             f"the results are in {spare}") from None
+        print(f"wrote {path}")
+    return results
 
 
 @dataclass
@@ -563,20 +600,40 @@ def load_checkpoint(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file "
-                         f"({type(e).__name__}: {e})") from None
+    except Exception as e:   # torch's own message advises weights_only=False, which runs arbitrary code
+        raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file ({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"params", "config", "iteration"} <= set(state):
         raise SystemExit(f"error: {path} is not a checkpoint of this project "
                          f"(expected a dict with params, config, iteration)")
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} was written by a newer version of this code (format {state['format']})")
     return state
+
+
+CHECKPOINT_FORMAT = 1   # every checkpoint records it, and the script that wrote it ("algorithm")
+
+
+def checkpoint_algorithm(saved):
+    """The script that wrote a checkpoint. Older Reptile checkpoints lack the entry but carry an inner_state."""
+    return saved.get("algorithm") or ("reptile" if "inner_state" in saved else "maml")
+
+
+def refuse_foreign(saved, source, accepted):
+    """Refuse, before anything is trained or written, a checkpoint that another script wrote."""
+    kind = checkpoint_algorithm(saved)
+    if kind not in accepted:
+        raise SystemExit(f"error: {source} was written by {kind}.py; this takes "
+                         f"{' or '.join(f'{a}.py' for a in sorted(accepted))} checkpoints (use {kind}.py with it)")
 
 
 # Flags about this invocation, always taken from the command line.
 SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot"}
-# Flags that do not change what training computes: the checkpoint's value unless given again.
+# Flags that may differ from the checkpoint's when given again: the evaluation, the length, and the
+# step sizes, so that a run that diverged can resume from its last good checkpoint with smaller ones.
 OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
-                     "eval_steps", "val_tasks"}
+                     "eval_steps", "val_tasks", "inner_lr", "outer_lr"}
+
+
 def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS):
     """The checkpoint's config, with this invocation's flags. A training flag given on the command
     line that contradicts the checkpoint is an error, not silently ignored."""
@@ -625,16 +682,19 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
         baseline = (b_params, b_optimizer, b_gen)
     if "optimizer" in state:  # resuming
         optimizer.load_state_dict(state["optimizer"])
+        optimizer.param_groups[0]["lr"] = cfg.outer_lr          # a --resume may lower β
         task_gen.set_state(state["rng"]["tasks"])
         if baseline:
             b_optimizer.load_state_dict(state["baseline_optimizer"])
+            b_optimizer.param_groups[0]["lr"] = cfg.outer_lr
             b_gen.set_state(state["rng"]["baseline_tasks"])
     history = state.get("history", [])
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
     def checkpoint(iteration):
-        out = {"algorithm": algorithm, "params": {k: v.detach().cpu() for k, v in params.items()},
-               "optimizer": optimizer.state_dict(), "config": vars(cfg), "iteration": iteration,
+        out = {"algorithm": algorithm, "format": CHECKPOINT_FORMAT,
+               "params": {k: v.detach().cpu() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
+               "config": vars(cfg), "iteration": iteration,
                "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
         if baseline:
             out["baseline_params"] = {k: v.detach().cpu() for k, v in b_params.items()}
@@ -670,12 +730,25 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
             if curve is not None:
                 line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
             line["elapsed_s"] = round(time.time() - started, 1)
+            stop_unless_finite(params, line, cfg.save, bar)
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
                 save_checkpoint(cfg.save, checkpoint(done))
     bar.close()
     return checkpoint(cfg.iterations)
+
+
+def stop_unless_finite(params, line, save, bar):
+    """A checkpoint is written only when θ and the validation numbers are finite; otherwise training
+    stops here and the file on disk stays the last good one."""
+    if all(torch.isfinite(v).all() for v in params.values()) and \
+            all(math.isfinite(v) for v in line.values() if isinstance(v, float)):
+        return
+    bar.close()
+    kept = f"; the last good checkpoint is {save}" if save and os.path.exists(save) else ""
+    raise SystemExit(f"error: non-finite parameters or validation at iteration {line['iteration']}: training "
+                     f"stopped (resume with a smaller step size){kept}")
 
 
 def format_curve(curve):
@@ -764,7 +837,11 @@ def main_rl(argv, adapt_policy, algorithm, prog):
     check_session_flags(args)
     cfg = rl.finalize_config(args)
     seed_everything(cfg.seed)
-    return rl.run(cfg, saved, adapt_policy, algorithm)
+    results = write_results(cfg.out, rl.run(cfg, saved, adapt_policy, algorithm))
+    if cfg.plot:
+        rl.plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot,
+                        results["test"]["return_by_step"], cfg, algorithm)
+    return results
 
 
 def main(argv=None):
@@ -781,6 +858,8 @@ def main(argv=None):
     saved = load_checkpoint(source) if source else None
     if saved and saved["config"].get("env"):
         raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
+    if saved:
+        refuse_foreign(saved, source, {"maml"})
     cfg = merge_checkpoint_config(args, saved["config"], given) if saved else args
     cfg = finalize_config(cfg)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
@@ -822,9 +901,6 @@ def main(argv=None):
         results["test"] = {f"K={K}": {name: [mean_ci(r) for r in curve] for name, curve in entry.items()
                                       if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
                            for K, entry in table.items()}
-        if cfg.plot:
-            plot_sinusoid("maml_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, params,
-                          pretrained, table[5].get("pretrained_lr"))
     else:
         curve = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg)
         print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, "
@@ -833,12 +909,12 @@ def main(argv=None):
         m, c = mean_ci(curve[-1])
         print(f"test_acc={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
         results["test"] = {"accuracy_by_step": [mean_ci(r) for r in curve], "accuracy": m, "ci95": c}
-        if cfg.plot:
-            plot_curve("maml_curve.png" if cfg.plot == "auto" else cfg.plot, curve, cfg)
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"wrote {cfg.out}")
+    write_results(cfg.out, results)
+    if cfg.plot and cfg.dataset == "sinusoid":
+        plot_sinusoid("maml_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, params,
+                      pretrained, table[5].get("pretrained_lr"))
+    elif cfg.plot:
+        plot_curve("maml_curve.png" if cfg.plot == "auto" else cfg.plot, curve, cfg)
     return results
 
 

@@ -227,7 +227,7 @@ def main(argv=None):
     if cfg.maml_checkpoint and algorithm == "anil":
         # Table 1: MAML on the same tasks, for ANIL ≈ MAML as a paired comparison; MAML keeps its own α and steps
         other = maml.load_checkpoint(cfg.maml_checkpoint)
-        if other.get("algorithm", "maml") != "maml" or set(other["params"]) != set(problem.params) or any(
+        if maml.checkpoint_algorithm(other) != "maml" or set(other["params"]) != set(problem.params) or any(
                 other["params"][k].shape != v.shape for k, v in problem.params.items()):
             raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
                              f"(dataset {cfg.dataset}, ways {cfg.ways})")
@@ -243,7 +243,7 @@ def main(argv=None):
     print(f"test_acc={nm:.4f} ci95={nc:.4f} head_acc={hm:.4f} head_ci95={hc:.4f}")
     if cfg.head_body:
         results["head_body"] = head_body_table(cfg, problem, net, splits, init, rows)
-    return anil.write(cfg, results)
+    return maml.write_results(cfg.out, results)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Run:    python reptile.py            (sinusoid regression of §4, CPU, about 2 m
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -317,7 +316,8 @@ def build_parser():
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a("--out", default=None, help="write the config and final metrics to this JSON file")
     a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
+      "only --inner-lr, --meta-step-size and the evaluation flags may differ from it")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure: the sinusoid's Fig. 1 (random "
@@ -416,9 +416,10 @@ def make_problems(cfg, device, splits):
 # Flags that do not change what training computes, so they may differ on --resume / --load.
 # K (shots) is one of them: meta-training sees --train-shots, whatever K is at test time, so one
 # model serves 1-shot and 5-shot tests (App. A uses the same training for both). --iterations is
-# not one of them: ε is annealed to 0 over it. maml.py merges the config, as for every script.
+# not one of them: ε is annealed to 0 over it. The step sizes may change on --resume, so that a run
+# that diverged can go on from its last good checkpoint. maml.py merges the config, as for every script.
 OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
-                     "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots"}
+                     "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots", "inner_lr", "meta_step_size"}
 
 
 def train(cfg, problem, sample_train, state):
@@ -435,7 +436,7 @@ def train(cfg, problem, sample_train, state):
     running = state.get("running")   # smoothed loss and metric of the last inner mini-batch
 
     def checkpoint(iteration):
-        return {"params": {k: v.cpu() for k, v in params.items()},
+        return {"algorithm": "reptile", "format": 1, "params": {k: v.cpu() for k, v in params.items()},
                 "inner_state": map_state(inner_state, torch.Tensor.cpu),
                 "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
                 "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
@@ -473,6 +474,7 @@ def train(cfg, problem, sample_train, state):
                                  ["transductive"])["transductive"]
                 line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
             line["elapsed_s"] = round(time.time() - started, 1)
+            maml.stop_unless_finite(params, line, cfg.save, bar)
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
@@ -560,10 +562,9 @@ def main(argv=None):
     given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     source = args.resume or args.load
     saved = load_checkpoint(source) if source else None
-    if saved and "inner_state" not in saved:
-        raise SystemExit(f"error: {source} is not a reptile.py checkpoint (no inner_state); "
-                         f"evaluate maml.py checkpoints with maml.py --eval-only")
-    if saved:   # --iterations may change only for a test: ε is annealed to 0 over it
+    if saved:
+        maml.refuse_foreign(saved, source, {"reptile"})
+        # --iterations may change only for a test: ε is annealed to 0 over it
         overridable = OVERRIDABLE_FLAGS | ({"iterations"} if args.eval_only else set())
         args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS, overridable)
     cfg = finalize_config(args)
@@ -619,8 +620,6 @@ def main(argv=None):
             results["test"][name] = {"inner_lr": lr, "steps": steps, "mse_by_step": [mean_ci(r) for r in curve]}
         m, c = mean_ci(curve[-1])   # Reptile's, the last model
         print(f"test_mse={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
-        if cfg.plot:
-            plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)
     else:
         modes = ["transductive", "nontransductive"] if cfg.bn_mode == "both" else [cfg.bn_mode]
         curves = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg, inner_state, modes)
@@ -635,13 +634,12 @@ def main(argv=None):
             print(f"test_acc_{mode}={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
             results["test"][mode] = {"steps": steps, "accuracy_by_step": [mean_ci(r) for r in curve],
                                      "accuracy": m, "ci95": c}
-        if cfg.plot:
-            plot_curve("reptile_curve.png" if cfg.plot == "auto" else cfg.plot, curves, cfg)
     results["eval_seconds"] = round(time.time() - started, 1)
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"wrote {cfg.out}")
+    maml.write_results(cfg.out, results)
+    if cfg.plot and cfg.dataset == "sinusoid":
+        plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)
+    elif cfg.plot:
+        plot_curve("reptile_curve.png" if cfg.plot == "auto" else cfg.plot, curves, cfg)
     return results
 
 

@@ -112,7 +112,7 @@ def test_resume_continues_identically(tmp_path):
         maml.main(quick("--load", tmp_path / "half.pt"))
     # a training flag that contradicts the checkpoint is refused
     with pytest.raises(SystemExit, match="contradicts the checkpoint"):
-        maml.main(quick("--resume", tmp_path / "half.pt", "--inner-lr", "0.5"))
+        maml.main(quick("--resume", tmp_path / "half.pt", "--inner-steps", "2"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -154,3 +154,110 @@ def test_an_explicit_iterations_flag_is_kept():
     assert maml.finalize_config(parse(["--iterations", "70000"])).iterations == 70000
     assert maml.finalize_config(parse([])).iterations == maml.QUICK_SINUSOID_ITERATIONS
     assert maml.finalize_config(parse(["--full"])).iterations == 70000
+
+
+@pytest.mark.parametrize("script", ["maml", "anil", "reptile", "rl"])
+def test_output_paths_are_checked_before_any_data_or_training(script, tmp_path, monkeypatch):
+    """A typo in an output folder must not cost a finished run: every script refuses an unusable
+    --out, --save or --plot path before it loads data or trains."""
+    import anil
+    import reptile
+    argv = {"rl": ["--env", "navigation2d"], "anil": ["--similarity"]}.get(script, [])
+    main = {"maml": maml.main, "anil": anil.main, "reptile": reptile.main, "rl": maml.main}[script]
+
+    def never(*args, **kw):
+        raise AssertionError("data was loaded or training started before the output paths were checked")
+    monkeypatch.setattr(maml, "make_problem", never)
+    monkeypatch.setattr(reptile, "make_problems", never)
+    import rl
+    monkeypatch.setattr(rl, "run", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for flag in ("--out", "--save", "--plot"):
+        with pytest.raises(SystemExit, match=f"{flag} .* is a folder"):
+            main(argv + [flag, str(tmp_path)])
+        with pytest.raises(SystemExit, match=f"{flag} .*cannot create the folder"):
+            main(argv + [flag, str(a_file / "sub" / "x.json")])
+
+
+def test_missing_output_folders_are_created_and_the_json_comes_before_the_figure(tmp_path, monkeypatch):
+    def broken_plot(*args, **kw):
+        raise RuntimeError("the figure failed")
+    monkeypatch.setattr(maml, "plot_sinusoid", broken_plot)
+    out, ckpt = tmp_path / "new" / "r.json", tmp_path / "other" / "deeper" / "c.pt"
+    with pytest.raises(RuntimeError, match="the figure failed"):
+        maml.main(["--iterations", "4", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1",
+                   "--out", str(out), "--save", str(ckpt), "--plot", str(tmp_path / "figs" / "f.png")])
+    assert json.loads(out.read_text())["iteration"] == 4 and ckpt.exists() and (tmp_path / "figs").is_dir()
+
+
+def test_results_that_cannot_be_written_are_kept_elsewhere(tmp_path, capsys):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    gone.rmdir()                      # the folder vanished during the run
+    with pytest.raises(SystemExit, match="could not write --out") as e:
+        maml.write_results(str(gone / "r.json"), {"test": [1.5]})
+    spare = str(e.value).rsplit("the results are in ", 1)[1]
+    assert json.loads(open(spare).read()) == {"test": [1.5]}
+
+
+def test_every_script_refuses_a_checkpoint_another_script_wrote_and_leaves_it_intact(tmp_path):
+    import anil
+    import reptile
+    tiny = ["--iterations", "2", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1"]
+    ckpt = {name: tmp_path / f"{name}.pt" for name in ("maml", "anil", "reptile")}
+    maml.main(tiny + ["--no-baseline", "--save", str(ckpt["maml"])])
+    anil.main(tiny + ["--save", str(ckpt["anil"])])
+    reptile.main(tiny + ["--save", str(ckpt["reptile"])])
+    assert {name: torch.load(path)["algorithm"] for name, path in ckpt.items()} == \
+        {"maml": "maml", "anil": "anil", "reptile": "reptile"}
+    before = {name: path.read_bytes() for name, path in ckpt.items()}
+    refused = [(maml.main, "--resume", "anil"), (maml.main, "--load", "reptile"), (anil.main, "--resume", "maml"),
+               (anil.main, "--load", "reptile"), (reptile.main, "--resume", "maml"), (reptile.main, "--load", "anil")]
+    for main, flag, writer in refused:
+        args = ["--resume", str(ckpt[writer])] if flag == "--resume" else ["--eval-only", "--load", str(ckpt[writer])]
+        with pytest.raises(SystemExit, match=f"written by {writer}.py"):
+            main(args + ["--save", str(ckpt[writer])])
+    assert {name: path.read_bytes() for name, path in ckpt.items()} == before    # nothing overwritten
+
+
+def test_a_newer_or_corrupt_checkpoint_is_refused_without_unsafe_advice(tmp_path):
+    state = {"params": {}, "config": {}, "iteration": 0, "format": maml.CHECKPOINT_FORMAT + 1}
+    torch.save(state, tmp_path / "new.pt")
+    with pytest.raises(SystemExit, match="newer version"):
+        maml.load_checkpoint(str(tmp_path / "new.pt"))
+    (tmp_path / "bad.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SystemExit, match="is corrupt") as e:
+        maml.load_checkpoint(str(tmp_path / "bad.pt"))
+    assert "weights_only" not in str(e.value)
+
+
+@pytest.mark.parametrize("script, step_flag", [("maml", "--outer-lr"), ("reptile", "--meta-step-size")])
+def test_a_diverged_run_keeps_its_last_good_checkpoint_and_resumes_with_a_smaller_step(script, step_flag, tmp_path,
+                                                                                        monkeypatch):
+    """The checkpoint on disk is the last one whose θ and validation were finite, and a --resume
+    with a smaller step size continues from it."""
+    import reptile
+    module = {"maml": maml, "reptile": reptile}[script]
+    ckpt = str(tmp_path / "c.pt")
+    tiny = ["--iterations", "4", "--val-every", "1", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1"]
+    calls, real = [], module.meta_step
+
+    def stopped_after_two(*args, **kw):       # a run that stops after its second checkpoint
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(module, "meta_step", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(tiny + ["--save", ckpt])
+    monkeypatch.setattr(module, "meta_step", real)
+    good = torch.load(ckpt)
+    with pytest.raises(SystemExit, match="non-finite parameters or validation at iteration 3.*last good checkpoint"):
+        module.main(["--resume", ckpt, step_flag, "1e9", "--save", ckpt])
+    kept = torch.load(ckpt)
+    assert kept["iteration"] == 2 and all(torch.equal(kept["params"][k], good["params"][k]) for k in good["params"])
+    r = module.main(["--resume", ckpt, step_flag, "1e-4", "--save", ckpt])
+    assert r["config"][step_flag[2:].replace("-", "_")] == 1e-4 and r["iteration"] == 4
+    if script == "maml":
+        assert torch.load(ckpt)["optimizer"]["param_groups"][0]["lr"] == 1e-4   # Adam took the new β

@@ -175,7 +175,6 @@ def test_reptile_meta_update():
 
 def test_rl_meta_gradient():
     """The TRPO surrogate's gradient through MAML's inner step on navigation episodes."""
-    cfg = SimpleNamespace(episodes=3, horizon=10, gamma=0.99, gae_lambda=1.0, inner_lr=0.1)
     envs = rl.make_vector_env("navigation2d", 6, 10)
     tasks = rl.Navigation2DVectorEnv.sample_tasks(2, np.random.default_rng(0))
     params = rl.init_policy(2, 2, torch.Generator().manual_seed(0))

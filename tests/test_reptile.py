@@ -409,7 +409,7 @@ def test_errors_are_clear(tmp_path, omniglot_dir):
         reptile.main(tiny(omniglot_dir, "--tail", "separate", "--tail-shots", "2"))
     ckpt = tmp_path / "m.pt"
     maml.main(["--iterations", "1", "--test-tasks", "2", "--val-tasks", "2", "--no-baseline", "--save", str(ckpt)])
-    with pytest.raises(SystemExit, match="not a reptile.py checkpoint"):
+    with pytest.raises(SystemExit, match="written by maml.py; this takes reptile.py checkpoints"):
         reptile.main(["--eval-only", "--load", str(ckpt)])
 
 
