@@ -235,6 +235,24 @@ def _to_class_images(images, counts, names):
     return ClassImages.from_lists([images[s:s + n] for s, n in zip(starts, counts)], names)
 
 
+def _eight_bit(img, channels):
+    """Any Pillow mode as 8-bit grey (channels 1) or RGB. Pillow's convert() clips 16-bit and 32-bit
+    integer images at 255, so those are scaled instead (by 65535, or as they are when they hold 8-bit
+    values); transparent pixels are laid over white."""
+    from PIL import Image
+    if img.mode.startswith("I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if a.max() <= 1.0 else a                          # floats in [0, 1] or in [0, 255]
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def _read_image(data, size, channels, invert=False):
     """Decode one image file (bytes or path), resize to size x size, and return (C, H, W) uint8.
     Converted to grayscale or RGB first, then resized with LANCZOS, so Omniglot's 1-bit strokes
@@ -242,8 +260,7 @@ def _read_image(data, size, channels, invert=False):
     1-bit image itself, which Pillow resizes by nearest neighbour whatever filter is asked: the
     reference trains on binary 28x28 images (README, differences table)."""
     from PIL import Image
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = _eight_bit(Image.open(io.BytesIO(data) if isinstance(data, bytes) else data), channels)
     if img.size != (size, size):
         img = img.resize((size, size), resample=Image.LANCZOS)
     a = np.asarray(img, dtype=np.uint8)

@@ -28,6 +28,7 @@ Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes)
 
 import argparse
 import ctypes
+import glob
 import importlib.util
 import json
 import math
@@ -481,9 +482,34 @@ def check_session_flags(cfg):
         raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {cfg.device}: this code runs on cpu or cuda (cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    check_numbers(cfg)
     check_output_paths(cfg)
+
+
+STEP_SIZES = ("inner_lr", "outer_lr", "meta_step_size", "max_kl", "clip_grad")
+
+
+def check_numbers(cfg):
+    """Numbers that argparse accepts but no run can use: NaN or inf anywhere, a step size that is not
+    positive, a seed outside numpy's range, an image too small for four 2×2 max-pools."""
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SystemExit(f"error: {flag} {v}: not a finite number")
+        if k in STEP_SIZES and v is not None and v <= 0:
+            raise SystemExit(f"error: {flag} {v}: a step size must be positive")
+        if k in ("seed", "split_seed") and not 0 <= v < 2 ** 32:
+            raise SystemExit(f"error: {flag} {v}: seeds lie in [0, 2^32)")
+    if getattr(cfg, "image_size", 16) < 16:
+        raise SystemExit(f"error: --image-size {cfg.image_size}: the network's four 2×2 max-pools need at least 16")
 
 
 def check_output_paths(cfg):
@@ -502,6 +528,8 @@ def check_output_paths(cfg):
             raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable")
+    for orphan in glob.glob(glob.escape(os.path.abspath(cfg.save)) + ".*.tmp") if cfg.save else []:
+        os.remove(orphan)       # a save that a kill -9 interrupted (save_checkpoint names them so)
 
 
 def write_results(path, results):
@@ -585,7 +613,8 @@ def load_splits(cfg):
 def save_checkpoint(path, state):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    # named after the checkpoint, so that the next start can remove one that a kill -9 left behind
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)

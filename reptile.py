@@ -348,6 +348,8 @@ def parse_combination(text, k):
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
     maml.check_session_flags(cfg)
+    if not 0 <= cfg.adam_beta1 < 1:
+        raise SystemExit(f"error: --adam-beta1 {cfg.adam_beta1} must lie in [0, 1)")
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:

@@ -63,7 +63,8 @@ def save_checkpoint(path, state):
     """Atomic: written to a temporary file beside `path`, then renamed over it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    # named after the checkpoint, so that the next start can remove one that a kill -9 left behind
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
@@ -163,8 +164,13 @@ def finalize_config(cfg):
                          f"each task's K episodes run side by side")
     if cfg.eval_steps < 0:
         raise SystemExit("error: --eval-steps must be at least 0")
-    if not (cfg.max_kl > 0 and 0 < cfg.ls_ratio < 1 and 0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
-        raise SystemExit("error: need --max-kl > 0, 0 < --ls-ratio < 1, and --gamma, --gae-lambda in [0, 1]")
+    if not 0 < cfg.ls_ratio < 1:
+        raise SystemExit(f"error: --ls-ratio {cfg.ls_ratio}: the line search's shrink factor lies in (0, 1)")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(cfg, name)} must lie in [0, 1]")
+    if cfg.cg_damping < 0:
+        raise SystemExit(f"error: --cg-damping {cfg.cg_damping} must be at least 0")
     if cfg.plot_with and not cfg.plot:
         raise SystemExit("error: --plot-with adds curves to --plot; give --plot PATH too")
     for path in cfg.plot_with or []:

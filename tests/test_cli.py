@@ -2,6 +2,7 @@
 resume identically, reproducibility, learning, and the clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -261,3 +262,51 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_and_resumes_with_a_smalle
     assert r["config"][step_flag[2:].replace("-", "_")] == 1e-4 and r["iteration"] == 4
     if script == "maml":
         assert torch.load(ckpt)["optimizer"]["param_groups"][0]["lr"] == 1e-4   # Adam took the new β
+
+
+BAD_NUMBERS = [
+    ("maml", ["--inner-lr", "-1"], "--inner-lr -1.0: a step size must be positive"),
+    ("maml", ["--outer-lr", "0"], "--outer-lr 0.0: a step size must be positive"),
+    ("maml", ["--outer-lr", "nan"], "--outer-lr nan: not a finite number"),
+    ("maml", ["--clip-grad", "-10"], "--clip-grad -10.0: a step size must be positive"),
+    ("maml", ["--seed", "-1"], r"--seed -1: seeds lie in \[0, 2\^32\)"),
+    ("maml", ["--seed", str(2 ** 32)], "seeds lie in"),
+    ("maml", ["--device", "gpu"], "--device gpu: this code runs on cpu or cuda"),
+    ("maml", ["--device", "mps"], "--device mps: this code runs on cpu or cuda"),
+    ("maml", ["--dataset", "folder", "--data-dir", ".", "--image-size", "4"], "--image-size 4: .* at least 16"),
+    ("anil", ["--inner-lr", "-0.4"], "a step size must be positive"),
+    ("reptile", ["--meta-step-size", "-0.1"], "--meta-step-size -0.1: a step size must be positive"),
+    ("reptile", ["--inner-lr", "inf"], "--inner-lr inf: not a finite number"),
+    ("reptile", ["--adam-beta1", "1.5"], r"--adam-beta1 1.5 must lie in \[0, 1\)"),
+    ("rl", ["--max-kl", "inf"], "--max-kl inf: not a finite number"),
+    ("rl", ["--max-kl", "0"], "--max-kl 0.0: a step size must be positive"),
+    ("rl", ["--ls-ratio", "1.5"], r"--ls-ratio 1.5: .* lies in \(0, 1\)"),
+    ("rl", ["--gamma", "2"], r"--gamma 2.0 must lie in \[0, 1\]"),
+    ("rl", ["--inner-lr", "nan"], "--inner-lr nan: not a finite number"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD_NUMBERS)
+def test_numbers_no_run_can_use_are_refused_one_message_each(script, argv, message):
+    import anil
+    import reptile
+    main = {"maml": maml.main, "anil": anil.main, "reptile": reptile.main, "rl": maml.main}[script]
+    with pytest.raises(SystemExit, match=message):
+        main((["--env", "navigation2d"] if script == "rl" else []) + argv)
+
+
+def test_checkpoint_temporaries_are_named_after_the_checkpoint_and_orphans_are_removed(tmp_path, monkeypatch):
+    import rl
+    ckpt = tmp_path / "c.pt"
+    orphan, other = tmp_path / "c.pt.x1y2.tmp", tmp_path / "d.pt.x1y2.tmp"    # left by a kill -9 during a save
+    orphan.write_bytes(b"half")
+    other.write_bytes(b"someone else's")
+    written = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(str(f)), real_save(obj, f))[1])
+    maml.main(["--iterations", "2", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1", "--no-baseline",
+               "--save", str(ckpt)])
+    rl.save_checkpoint(str(ckpt), {"x": 1})
+    assert not orphan.exists() and other.exists() and ckpt.exists()
+    assert written and all(os.path.basename(w).startswith("c.pt.") and w.endswith(".tmp") for w in written)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == ["d.pt.x1y2.tmp"]

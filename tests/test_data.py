@@ -231,3 +231,36 @@ def test_image_folder(folder_dir, tmp_path):
     (flat / "group0" / "class1" / "9.png").write_bytes(b"broken png")
     with pytest.raises(data.DataError, match="could not read image .*9.png"):
         data.load_image_folder_classes(flat / "group0", image_size=8)
+
+
+def test_every_image_mode_decodes_to_its_grey_levels():
+    """16-bit, 32-bit, float, 1-bit, palette, grey + alpha, RGBA and CMYK files all decode to the grey
+    levels they show; Pillow's plain convert('L') would saturate the 16-bit one (99% of pixels 255)."""
+    import io
+    from PIL import Image
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))             # 64x64, levels 0..252
+    images = {
+        "I;16": Image.fromarray(grey.astype(np.uint16) * 257),                # 16-bit PNG
+        "I": Image.fromarray(grey.astype(np.int32) * 257),
+        "F": Image.fromarray(grey.astype(np.float32) / 255.0),
+        "P": Image.fromarray(grey).convert("P"),
+        "LA": Image.fromarray(grey).convert("LA"),
+        "RGBA": Image.fromarray(grey).convert("RGBA"),
+        "CMYK": Image.fromarray(grey).convert("CMYK"),
+    }
+    for mode, img in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF" if mode in ("CMYK", "F", "I") else "PNG")
+        assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith(mode[0]), mode
+        out = data._read_image(buf.getvalue(), 64, 1)[0].astype(int)
+        assert np.abs(out - grey).max() <= 1, mode
+    rgb = data._read_image(buf.getvalue(), 64, 3)                            # CMYK as RGB too
+    assert rgb.shape == (3, 64, 64) and np.abs(rgb.astype(int) - grey).max() <= 1
+    one_bit = Image.fromarray(grey >= 128)                                   # mode '1'
+    buf = io.BytesIO()
+    one_bit.save(buf, format="PNG")
+    assert set(np.unique(data._read_image(buf.getvalue(), 64, 1))) == {0, 255}
+    see_through = Image.fromarray(np.zeros((64, 64, 4), dtype=np.uint8), "RGBA")   # black, fully transparent
+    buf = io.BytesIO()
+    see_through.save(buf, format="PNG")
+    assert (data._read_image(buf.getvalue(), 64, 1) == 255).all()            # transparent pixels are white

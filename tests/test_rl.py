@@ -437,7 +437,7 @@ def test_same_seed_same_numbers_and_resume_continues_identically(tmp_path, capsy
     (["--env", "navigation2d", "--eval-only"], "--eval-only needs --load"),
     (["--env", "cartpole"], "invalid choice"),
     (["--env", "navigation2d", "--inner-steps", "2"], "unrecognized arguments"),
-    (["--env", "navigation2d", "--max-kl", "0"], "--max-kl > 0"),
+    (["--env", "navigation2d", "--max-kl", "0"], "--max-kl 0.0: a step size must be positive"),
     (["--env", "navigation2d", "--plot-with", "maml.json"], "give --plot PATH too"),
 ])
 def test_errors_are_clear(argv, message, capsys):
