@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -694,7 +695,45 @@ def keep_freed_memory():
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
-def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: the current iteration ends, a checkpoint is saved (with
+    --save) and the run stops with one line. A second Ctrl-C stops at once. Used as `with`."""
+
+    def __enter__(self):
+        self.asked, self.previous = False, {}
+        try:
+            self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:      # not the main thread: signals stay as they are
+            pass
+        return self
+
+    def ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def check(self, done, save, bar, checkpoint):
+        """At the end of an iteration."""
+        if not self.asked:
+            return
+        bar.close()
+        state = checkpoint(done) if save else None
+        if state and all(torch.isfinite(v).all() for v in state["params"].values()):
+            save_checkpoint(save, state)
+            raise SystemExit(f"stopped at iteration {done}: the checkpoint is {save} (go on with --resume {save})")
+        raise SystemExit(f"stopped at iteration {done}: nothing saved" + (" (no --save)" if not save else ""))
+
+
+class NoStop:
+    def check(self, *args):
+        pass
+
+
+def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=NoStop()):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
     and nil.py train with this loop and ANIL's inner loop as `adapt`."""
     device = torch.device(cfg.device)
@@ -764,6 +803,7 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
                 save_checkpoint(cfg.save, checkpoint(done))
+        stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     return checkpoint(cfg.iterations)
 
@@ -866,7 +906,8 @@ def main_rl(argv, adapt_policy, algorithm, prog):
     check_session_flags(args)
     cfg = rl.finalize_config(args)
     seed_everything(cfg.seed)
-    results = write_results(cfg.out, rl.run(cfg, saved, adapt_policy, algorithm))
+    with StopRequest() as stop:
+        results = write_results(cfg.out, rl.run(cfg, saved, adapt_policy, algorithm, stop))
     if cfg.plot:
         rl.plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot,
                         results["test"]["return_by_step"], cfg, algorithm)
@@ -916,7 +957,8 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = train(cfg, problem, state)
+            with StopRequest() as stop:
+                state = train(cfg, problem, state, stop=stop)
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
     results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
@@ -948,4 +990,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
+        raise SystemExit("interrupted; checkpoints on disk are as they were") from None

@@ -205,7 +205,8 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = maml.train(cfg, problem, state, anil.adapt, "anil")
+            with maml.StopRequest() as stop:
+                state = maml.train(cfg, problem, state, anil.adapt, "anil", stop)
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(cfg.device) for k, v in state["params"].items()}
@@ -247,4 +248,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
+        raise SystemExit("interrupted; checkpoints on disk are as they were") from None

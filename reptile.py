@@ -424,7 +424,7 @@ OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "
                      "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots", "inner_lr", "meta_step_size"}
 
 
-def train(cfg, problem, sample_train, state):
+def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
     """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
@@ -481,6 +481,7 @@ def train(cfg, problem, sample_train, state):
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
                 save_checkpoint(cfg.save, checkpoint(done))
+        stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     return checkpoint(cfg.iterations)
 
@@ -594,7 +595,8 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = train(cfg, problem, sample_train, state)
+            with maml.StopRequest() as stop:
+                state = train(cfg, problem, sample_train, state, stop)
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
     inner_state = map_state(state["inner_state"], lambda v: v.to(device))
@@ -646,4 +648,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
+        raise SystemExit("interrupted; checkpoints on disk are as they were") from None

@@ -726,7 +726,7 @@ def plot_returns(path, stats, cfg, algorithm):
 # Training and main
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg, state, test_adapt, algorithm):
+def train(cfg, state, test_adapt, algorithm, stop=None):
     # the comparison policies train without an inner loop; pretrained is fine-tuned by the script's at test
     inner_adapt = no_inner_loop if cfg.compare in ("pretrained", "oracle") else test_adapt
     device = torch.device(cfg.device)
@@ -782,6 +782,8 @@ def train(cfg, state, test_adapt, algorithm):
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
                 save_checkpoint(cfg.save, checkpoint(done))
+        if stop:    # maml.StopRequest: Ctrl-C or SIGTERM asked to save and stop
+            stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     envs.close()
     return checkpoint(cfg.iterations)
@@ -804,9 +806,9 @@ def check_checkpoint(saved, source, env, algorithm, resume):
         raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
 
 
-def run(cfg, saved, inner_adapt, algorithm):
+def run(cfg, saved, inner_adapt, algorithm, stop=None):
     """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
-    checkpoint (or None) and the algorithm's inner loop."""
+    checkpoint (or None), the algorithm's inner loop and maml.StopRequest (Ctrl-C saves and stops)."""
     source = cfg.resume or cfg.load
     device = torch.device(cfg.device)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
@@ -829,7 +831,7 @@ def run(cfg, saved, inner_adapt, algorithm):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            state = train(cfg, state, inner_adapt, algorithm)
+            state = train(cfg, state, inner_adapt, algorithm, stop)
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     best = state.get("best")

@@ -310,3 +310,23 @@ def test_checkpoint_temporaries_are_named_after_the_checkpoint_and_orphans_are_r
     assert not orphan.exists() and other.exists() and ckpt.exists()
     assert written and all(os.path.basename(w).startswith("c.pt.") and w.endswith(".tmp") for w in written)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == ["d.pt.x1y2.tmp"]
+
+
+@pytest.mark.parametrize("argv", [["--iterations", "100000", "--val-every", "20", "--val-tasks", "2"],
+                                  ["--env", "navigation2d", "--iterations", "100000", "--val-every", "1",
+                                   "--meta-batch-size", "2", "--episodes", "2", "--horizon", "5", "--val-tasks", "2"]])
+def test_sigterm_saves_a_checkpoint_and_stops_with_one_line(argv, tmp_path):
+    import signal
+    import time
+    ckpt = tmp_path / "c.pt"
+    p = subprocess.Popen([sys.executable, str(ROOT / "maml.py"), *argv, "--save", str(ckpt)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:     # training has begun
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    done = torch.load(ckpt)["iteration"]
+    assert line == f"stopped at iteration {done}: the checkpoint is {ckpt} (go on with --resume {ckpt})"
