@@ -19,11 +19,11 @@ import hashlib
 import io
 import os
 import pickle
-import stat
 import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,16 +199,28 @@ def seeded_class_split(num_classes, counts, seed):
     return out
 
 
-def _cache_path(preferred_dir, name, key):
-    """Where to cache: beside the data when that folder is writable, else in ~/.cache."""
-    digest = hashlib.md5(key.encode()).hexdigest()[:10]
-    filename = f"{name}-{digest}.npz"
-    # The mode bits too, so that a folder marked read-only stays untouched even for root.
-    if os.access(preferred_dir, os.W_OK) and os.stat(preferred_dir).st_mode & stat.S_IWUSR:
-        return Path(preferred_dir) / filename
-    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meta-learning-from-scratch"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback / filename
+def _cache_path(name, key):
+    """The cache file for `key`, always in $XDG_CACHE_HOME (or ~/.cache)/meta-learning-from-scratch:
+    never in a folder the user gave us."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meta-learning-from-scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{hashlib.md5(key.encode()).hexdigest()[:12]}.npz"
+
+
+def _fingerprint(root, files, head=64 << 10):
+    """A cache key for `files` under `root`: the folder's absolute path, then each file's relative
+    path, size, mtime in ns and the CRC-32 of its first `head` bytes (None: all of it; 0: none, for
+    datasets too large to read at every start). The CRC catches a file replaced in place that kept
+    its size and mtime; for images of a few tens of KiB, 64 KiB is the whole file."""
+    parts = [str(Path(root).resolve())]
+    for p in files:
+        s = p.stat()
+        crc = 0
+        if head != 0:
+            with open(p, "rb") as f:
+                crc = zlib.crc32(f.read() if head is None else f.read(head))
+        parts.append(f"{p.relative_to(root)}:{s.st_size}:{s.st_mtime_ns}:{crc:08x}")
+    return "|".join(parts)
 
 
 def _load_or_build(cache, build):
@@ -224,6 +236,7 @@ def _load_or_build(cache, build):
     fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:
         np.savez(f, images=images, counts=counts, names=np.array(names))
+    os.chmod(tmp, 0o644)        # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, cache)
     print(f"cached {len(images)} images to {cache}")
     return images, counts, names
@@ -366,7 +379,8 @@ def load_omniglot_characters(root=None, download=True):
         print(f"Omniglot not found in {root}; downloading the official archives")
         download_omniglot(root)
         sources = _omniglot_sources(root)
-    key = "|".join(f"{s.name}:{s.stat().st_size}:{int(s.stat().st_mtime)}" for s in sources)
+    key = _fingerprint(root, [f for s in sources for f in ([s] if s.is_file() else
+                                                           sorted(x for x in s.rglob("*") if x.is_file()))], None)
 
     def build():
         from tqdm import tqdm
@@ -375,7 +389,7 @@ def load_omniglot_characters(root=None, download=True):
             for char, fname, read in _omniglot_files(s):
                 if char in chars and chars[char][0] != s:
                     continue  # the same character from an earlier source
-                chars.setdefault(char, (s, []))[1].append(read)
+                chars.setdefault(char, (s, []))[1].append((fname, read))
         if not chars:
             raise DataError(f"no <alphabet>/<character>/*.png files in {', '.join(map(str, sources))}. "
                             + OMNIGLOT_HELP.format(dir=root))
@@ -383,16 +397,17 @@ def load_omniglot_characters(root=None, download=True):
         images, counts = [], []
         for char in tqdm(names, desc="Omniglot: resize to 28x28", unit="char"):
             reads = chars[char][1]
-            try:
-                # LANCZOS to 28x28 and invert, so ink = 1 (as the MAML reference code does)
-                images.extend(_read_image(r(), 28, 1, invert=True) for r in reads)
-            except Exception as e:
-                raise DataError(f"could not read an image of {char} in {chars[char][0]} ({e}); "
-                                f"the file is corrupt: replace it") from e
+            for fname, read in reads:
+                try:
+                    # LANCZOS to 28x28 and invert, so ink = 1 (as the MAML reference code does)
+                    images.append(_read_image(read(), 28, 1, invert=True))
+                except Exception as e:
+                    raise DataError(f"could not read {char}/{fname} in {chars[char][0]} ({type(e).__name__}); "
+                                    f"the file is corrupt: replace it") from None
             counts.append(len(reads))
         return np.stack(images), np.array(counts), names
 
-    images, counts, names = _load_or_build(_cache_path(root, "omniglot28", key), build)
+    images, counts, names = _load_or_build(_cache_path("omniglot28", key), build)
     print(f"Omniglot: {len(names)} characters, {len(images)} images from "
           f"{', '.join(s.name for s in sources)}")
     return _to_class_images(images, counts, names)
@@ -449,7 +464,8 @@ def _miniimagenet_csv(root, csv_path):
     import csv
     with open(csv_path) as f:
         rows = [r for r in csv.reader(f)][1:]   # header: filename,label
-    key = f"{csv_path.name}:{csv_path.stat().st_size}:{int(csv_path.stat().st_mtime)}"
+    # the CSV read whole; its (up to 60,000) images by size and mtime only
+    key = _fingerprint(root, [csv_path], None) + _fingerprint(root, sorted((root / "images").glob("*")), 0)
 
     def build():
         from tqdm import tqdm
@@ -467,7 +483,7 @@ def _miniimagenet_csv(root, csv_path):
             counts.append(len(by_class[n]))
         return np.stack(images), np.array(counts), names
 
-    return _to_class_images(*_load_or_build(_cache_path(root, f"miniimagenet-{csv_path.stem}", key), build))
+    return _to_class_images(*_load_or_build(_cache_path(f"miniimagenet-{csv_path.stem}", key), build))
 
 
 def load_miniimagenet(root=None):
@@ -497,7 +513,7 @@ def _image_files(d):
 
 def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
     """Every class folder under `root` (a folder that directly holds images is a class),
-    resized to image_size x image_size; cached beside the data."""
+    resized to image_size x image_size; cached (see _cache_path)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; expected {root}/<class>/<images> "
@@ -508,8 +524,7 @@ def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
                         f"expected {root}/<class>/<images> or {root}/<group>/<class>/<images> "
                         f"({', '.join(IMAGE_SUFFIXES)})")
     files = {d: _image_files(d) for d in class_dirs}
-    key = f"{image_size}:{channels}:{invert}:" + "|".join(
-        f"{d.relative_to(root)}:{len(f)}:{int(max(p.stat().st_mtime for p in f))}" for d, f in files.items())
+    key = f"{image_size}:{channels}:{invert}:" + _fingerprint(root, [p for d in class_dirs for p in files[d]])
 
     def build():
         from tqdm import tqdm
@@ -524,7 +539,7 @@ def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
             names.append(str(d.relative_to(root)))
         return np.stack(images), np.array(counts), names
 
-    classes = _to_class_images(*_load_or_build(_cache_path(root, f"folder{image_size}c{channels}", key), build))
+    classes = _to_class_images(*_load_or_build(_cache_path(f"folder{image_size}c{channels}", key), build))
     print(f"{root}: {classes.num_classes} classes, {len(classes.images)} images")
     return classes
 

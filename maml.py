@@ -575,7 +575,8 @@ def make_problem(cfg, device, splits=None):
     for name, split in splits.items():
         if name == "val" and split.num_classes < cfg.ways:
             print(f"note: the val split has {split.num_classes} classes, fewer than ways={cfg.ways}; "
-                  f"validation is skipped (--rotate-eval adds rotated val/test classes)")
+                  f"validation is skipped" + (" (--rotate-eval adds rotated val/test classes)"
+                                              if cfg.dataset == "omniglot" else ""))
             continue
         samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name,
                                              cfg.rotate_tasks)

@@ -1,6 +1,8 @@
 """data.py: sampler invariants, the dataset readers on tiny fixtures, and every clear error."""
 
+import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,8 +146,11 @@ def test_per_task_rotation_turns_each_class_of_a_task_by_one_multiple_of_90_degr
 
 def test_omniglot_cache_and_folders_and_duplicates(tmp_path):
     root = make_omniglot(tmp_path / "o", as_zip=True)
+    before = sorted(p.name for p in root.iterdir())
     first = data.load_omniglot_characters(root)
-    assert len(list(root.glob("omniglot28-*.npz"))) == 1          # cached beside the data
+    assert sorted(p.name for p in root.iterdir()) == before        # nothing written into the user's folder
+    caches = list((Path(os.environ["XDG_CACHE_HOME"]) / "meta-learning-from-scratch").glob("omniglot28-*.npz"))
+    assert len(caches) == 1
     again = data.load_omniglot_characters(root)
     assert torch.equal(first.images, again.images) and first.names == again.names
     # the same archive extracted gives the same images
@@ -158,7 +163,7 @@ def test_omniglot_cache_and_folders_and_duplicates(tmp_path):
     both = data.load_omniglot_characters(root)
     assert both.num_classes == 40
     # a corrupt cache is rebuilt, not trusted
-    for cache in root.glob("omniglot28-*.npz"):
+    for cache in (Path(os.environ["XDG_CACHE_HOME"]) / "meta-learning-from-scratch").glob("omniglot28-*.npz"):
         cache.write_bytes(b"not a cache")
     assert torch.equal(data.load_omniglot_characters(root).images, both.images)
 
@@ -170,6 +175,15 @@ def test_omniglot_missing_and_corrupt(tmp_path, monkeypatch):
     (tmp_path / "bad" / "images_background.zip").write_bytes(b"garbage")
     with pytest.raises(data.DataError, match="not a readable zip"):
         data.load_omniglot_characters(tmp_path / "bad")
+    # a member that is not an image is named, not shown as an in-memory buffer
+    with zipfile.ZipFile(tmp_path / "broken.zip", "w") as z:
+        z.writestr("images_background/Alpha/character01/0101_01.png", b"not a png")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "broken.zip").rename(tmp_path / "one" / "images_background.zip")
+    with pytest.raises(data.DataError, match=r"could not read Alpha/character01/0101_01.png in .*images_background"
+                                             r".zip \(UnidentifiedImageError\)") as e:
+        data.load_omniglot_characters(tmp_path / "one")
+    assert "BytesIO" not in str(e.value)
 
     # no directory given, nothing present, offline: a clear error naming the files
     def offline(*args, **kwargs):
@@ -264,3 +278,25 @@ def test_every_image_mode_decodes_to_its_grey_levels():
     buf = io.BytesIO()
     see_through.save(buf, format="PNG")
     assert (data._read_image(buf.getvalue(), 64, 1) == 255).all()            # transparent pixels are white
+
+
+def test_the_image_cache_sees_a_file_replaced_in_place_and_stays_out_of_the_users_folder(tmp_path):
+    """The cache key holds each file's size, mtime and CRC of its start: an image replaced by another
+    of exactly the same size, with its mtime set back, is not served stale."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mine"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.bmp")
+    before = sorted(str(p) for p in root.rglob("*"))
+    first = data.load_image_folder_classes(root, 16, 1)
+    assert sorted(str(p) for p in root.rglob("*")) == before          # nothing written into the user's folder
+    victim = root / "class0" / "0.bmp"
+    st = victim.stat()
+    Image.fromarray(255 - np.asarray(Image.open(victim))).save(victim)  # uncompressed: the same byte count
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    again = data.load_image_folder_classes(root, 16, 1)
+    assert not torch.equal(first.images, again.images)
