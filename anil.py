@@ -459,6 +459,9 @@ def main(argv=None):
     if saved and saved.get("algorithm", "maml") != "anil":
         print(f"note: {cfg.load} was trained by maml.py; its test below uses ANIL's head-only inner loop "
               f"(the 'frozen 1-4' row of the freezing table)")
+    if cfg.predict:
+        params = {k: v.to(cfg.device) for k, v in state["params"].items()}
+        return maml.run_predict(cfg, partial(maml.classify, params, problem, cfg, adapt=adapt))
 
     started = time.time()
     if not cfg.eval_only:

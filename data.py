@@ -552,3 +552,59 @@ def load_image_folder(root, seed=0, image_size=84, channels=3, invert=False, pro
     ids = seeded_class_split(classes.num_classes, counts, seed)
     print(f"{root} split (seed {seed}): {counts[0]} / {counts[1]} / {counts[2]} classes (train/val/test)")
     return {name: classes.subset(i) for name, i in zip(("train", "val", "test"), ids)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot prediction on a user's own images (--predict)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PredictionSets:
+    classes: list          # the support folder's class names; label j is classes[j]
+    x_support: torch.Tensor    # (S, C, H, W) uint8, S = all support images (any number per class)
+    y_support: torch.Tensor    # (S,)
+    query_paths: list
+    x_query: torch.Tensor      # (M, C, H, W) uint8
+    y_query: torch.Tensor      # (M,), or None when the queries do not sit in folders named like the classes
+
+
+def load_prediction_sets(support_dir, queries, size, channels, invert):
+    """The labelled support set, support_dir/<class>/<images>, and the images to classify: files, or
+    folders of them (searched recursively). When every query sits in a folder named like a support
+    class, those names are the ground truth. Nothing is cached or written."""
+    root = Path(support_dir)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _image_files(d)) if root.is_dir() else []
+    if len(classes) < 2:
+        raise DataError(f"--support {support_dir}: expected at least 2 class folders <class>/<images>, found "
+                        f"{len(classes)} ({', '.join(IMAGE_SUFFIXES)})")
+    paths = []
+    for q in map(Path, queries):
+        if q.is_dir():
+            paths += sorted(p for p in q.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif q.is_file():
+            paths.append(q)
+        else:
+            raise DataError(f"--predict {q}: no such image or folder")
+    if not paths:
+        raise DataError(f"--predict {' '.join(queries)}: no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def read(p):
+        try:
+            return _read_image(str(p), size, channels, invert)
+        except Exception as e:
+            raise DataError(f"could not read image {p} ({type(e).__name__}); remove or replace it") from None
+    support = [(read(p), j) for j, c in enumerate(classes) for p in _image_files(root / c)]
+    known = all(p.parent.name in classes for p in paths)
+    return PredictionSets(classes, torch.from_numpy(np.stack([x for x, _ in support])),
+                          torch.tensor([j for _, j in support]), [str(p) for p in paths],
+                          torch.from_numpy(np.stack([read(p) for p in paths])),
+                          torch.tensor([classes.index(p.parent.name) for p in paths]) if known else None)
+
+
+def write_predictions_csv(path, rows):
+    """One line per query image: image, class, probability."""
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

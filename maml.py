@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -399,6 +400,9 @@ def build_parser():
     a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
       "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
     a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
+    a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
+      "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
+    a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")
     a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
     a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
     a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
@@ -475,6 +479,12 @@ def finalize_config(cfg):
 def check_session_flags(cfg):
     """The checks every entry point shares (maml.py, anil.py, rl.py): checkpoint flags that go
     together, matplotlib for --plot, a CUDA device for --device cuda."""
+    if getattr(cfg, "predict", None) or getattr(cfg, "support", None):
+        if not (cfg.predict and cfg.support and cfg.load):
+            raise SystemExit("error: --predict IMAGES needs --support DIR and --load CHECKPOINT")
+        if cfg.dataset == "sinusoid":
+            raise SystemExit(f"error: --predict classifies images; {cfg.load} is a sinusoid regressor")
+        cfg.eval_only = True
     if cfg.eval_only and not cfg.load:
         raise SystemExit("error: --eval-only needs --load CHECKPOINT")
     if cfg.load and not cfg.eval_only:
@@ -580,7 +590,7 @@ def make_problem(cfg, device, splits=None):
             continue
         samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name,
                                              cfg.rotate_tasks)
-    channels, size = splits["train"].images.shape[1], splits["train"].images.shape[2]
+    size, channels, _ = image_format(cfg)
     max_pool = cfg.dataset != "omniglot"
     hidden = 64 if cfg.dataset == "omniglot" else 32
     params = init_convnet(channels, hidden, cfg.ways, conv_feature_dim(size, hidden, max_pool), g)
@@ -594,21 +604,74 @@ def make_problem(cfg, device, splits=None):
                    has_val="val" in samplers)
 
 
-def load_splits(cfg):
-    if cfg.dataset == "sinusoid":
-        return None
+def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
+    """--predict: class probabilities (T, M, N) of the queries after the test-time inner loop on the
+    support set (eval_steps steps of α, first order as at test), with --bn-mode's BatchNorm batches."""
+    fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
+    fast = adapt(fast, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, first_order=True)
+    with torch.no_grad():
+        return predict(fast, problem.forward, x_s, x_q, cfg.bn_mode).softmax(-1)
+
+
+def run_predict(cfg, classify, any_ways=False):
+    """Few-shot prediction on a user's images: read --support and --predict (data.py), classify, print
+    one line per image (path, class, probability) and, where the folders name the classes, the accuracy.
+    any_ways: NIL, which has no head, takes any number of support classes."""
+    try:
+        sets = data.load_prediction_sets(cfg.support, cfg.predict, *image_format(cfg))
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not any_ways and len(sets.classes) != cfg.ways:
+        raise SystemExit(f"error: --support {cfg.support} has {len(sets.classes)} classes, but the model's head "
+                         f"has {cfg.ways} (its --ways): give {cfg.ways} class folders")
+    device = torch.device(cfg.device)
+    x_s, x_q = (x[None].float().div_(255.0).to(device) for x in (sets.x_support, sets.x_query))
+    probs = classify(x_s, sets.y_support[None].to(device), x_q)[0].cpu()       # (M, N)
+    confidence, label = probs.max(-1)
+    rows = [{"image": p, "class": sets.classes[c], "probability": round(float(q), 4)}
+            for p, c, q in zip(sets.query_paths, label.tolist(), confidence.tolist())]
+    print(f"{len(sets.y_support)} support images of {len(sets.classes)} classes; image, class, probability:")
+    for r in rows:
+        print(f"{r['image']}\t{r['class']}\t{r['probability']:.4f}")
+    results = {"config": vars(cfg), "classes": sets.classes, "predictions": rows}
+    if sets.y_query is not None:
+        results["accuracy"] = float((label == sets.y_query).float().mean())
+        print(f"accuracy on the {len(rows)} images, whose folders name their class: {results['accuracy']:.4f}")
+    if cfg.out and cfg.out.endswith(".csv"):
+        data.write_predictions_csv(cfg.out, rows)
+        print(f"wrote {cfg.out}")
+        return results
+    return write_results(cfg.out, results)
+
+
+def image_format(cfg):
+    """(size, channels, invert) of the network's input, from the config alone: Omniglot is 28x28 grey
+    with ink = 1, MiniImageNet 84x84 RGB, a folder as --image-size and --channels say."""
     if cfg.dataset == "omniglot":
+        return 28, 1, True
+    if cfg.dataset == "miniimagenet":
+        return 84, 3, False
+    return cfg.image_size, cfg.channels, False
+
+
+def load_splits(cfg):
+    if cfg.dataset == "sinusoid" or cfg.predict:
+        return {}
+    if cfg.test_dir and cfg.eval_only:         # the checkpoint fixes the format: no training data needed
+        splits = {"test": data.load_image_folder_classes(cfg.test_dir, *image_format(cfg))}
+    elif cfg.dataset == "omniglot":
         splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval,
                                     rotated_classes=not cfg.rotate_tasks)
     elif cfg.dataset == "miniimagenet":
         splits = data.load_miniimagenet(cfg.data_dir)
     else:
         splits = data.load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
-    if cfg.test_dir:
-        # The trained network fixes the image format: Omniglot's is 28x28 grayscale with ink = 1.
-        size, channels = splits["train"].images.shape[2], splits["train"].images.shape[1]
-        splits["test"] = data.load_image_folder_classes(cfg.test_dir, size, channels,
-                                                        invert=cfg.dataset == "omniglot")
+    if cfg.test_dir and not cfg.eval_only:
+        splits["test"] = data.load_image_folder_classes(cfg.test_dir, *image_format(cfg))
+    if cfg.test_dir and splits["test"].num_classes < 2 * cfg.ways:
+        print(f"note: --test-dir has {splits['test'].num_classes} classes, fewer than 2 × ways = {2 * cfg.ways}: "
+              f"its {cfg.test_tasks} tasks redraw the same classes, so they are not independent and the "
+              f"± understates the uncertainty")
     return splits
 
 
@@ -658,7 +721,7 @@ def refuse_foreign(saved, source, accepted):
 
 
 # Flags about this invocation, always taken from the command line.
-SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot"}
+SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "predict", "support"}
 # Flags that may differ from the checkpoint's when given again: the evaluation, the length, and the
 # step sizes, so that a run that diverged can resume from its last good checkpoint with smaller ones.
 OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
@@ -953,6 +1016,9 @@ def main(argv=None):
         if cfg.dataset == "sinusoid" and not cfg.no_baseline:
             state["baseline_params"] = init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(cfg.seed + 100))
 
+    if cfg.predict:
+        params = {k: v.to(device) for k, v in state["params"].items()}
+        return run_predict(cfg, partial(classify, params, problem, cfg))
     started = time.time()
     if not cfg.eval_only:
         if state["iteration"] >= cfg.iterations:

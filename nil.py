@@ -197,6 +197,13 @@ def main(argv=None):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     splits, problem, net, state = anil.setup(cfg, saved)
+    if cfg.predict:     # §5: no head and no inner loop, so a support set of any number of classes
+        params = per_task({k: v.to(cfg.device) for k, v in state["params"].items()}, 1)
+
+        def vote(x_s, y_s, x_q):
+            with torch.no_grad():
+                return nil_predict(params, net, x_s, y_s, x_q, int(y_s.max()) + 1, cfg.bn_mode)
+        return maml.run_predict(cfg, vote, any_ways=True)
     init = problem.params          # the seed's initialization (training works on a copy)
     # a maml.py checkpoint comes only with --eval-only: anil.parse lets --resume continue ANIL alone
     algorithm = saved.get("algorithm", "maml") if saved else "anil"

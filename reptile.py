@@ -39,6 +39,7 @@ import argparse
 import math
 import os
 import re
+from functools import partial
 import time
 
 import torch
@@ -320,6 +321,9 @@ def build_parser():
       "only --inner-lr, --meta-step-size and the evaluation flags may differ from it")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
+      "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
+    a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure: the sinusoid's Fig. 1 (random "
       "init, MAML and Reptile before and after adaptation; trains MAML too) or the adaptation curve; "
       "needs matplotlib")
@@ -385,6 +389,18 @@ def finalize_config(cfg):
     return cfg
 
 
+def classify(params, state, problem, cfg, x_s, y_s, x_q):
+    """--predict: adaptation_curve's test-time inner loop on the support set (its mini-batches drawn
+    from --seed), then the queries' class probabilities (T, M, N)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    schedule = minibatch_schedule(1, x_s.shape[1], 0, cfg.eval_inner_batch, cfg.eval_steps, "shared", False, g)
+    fast, _, _, _, _ = adapt(per_task(params, x_s.shape[0]), problem, x_s, y_s, schedule, cfg.inner_lr,
+                             cfg.inner_optimizer, state, cfg.adam_beta1)
+    with torch.no_grad():
+        mode = "nontransductive" if cfg.bn_mode == "nontransductive" else "transductive"
+        return predict(fast, problem.forward, x_s, x_q, mode).softmax(-1)
+
+
 def make_problems(cfg, device, splits):
     """Two samplers over the same tasks: meta-training episodes (train_shots per class, plus
     tail_shots held-out examples per class for a separate tail) and test episodes (K shots, and
@@ -403,6 +419,8 @@ def make_problems(cfg, device, splits):
         return Problem(params, mlp_forward, mse_per_task, mse_per_task, "mse", sample), sample_train
 
     problem = maml.make_problem(cfg, device, splits)
+    if "train" not in splits:           # --eval-only on --test-dir, or --predict
+        return problem, None
     # A separate tail is carved out of the training shots, as in the authors' code: 10 shots with
     # a tail of 2 are 8 examples per class for the first k − 1 batches and 2 for the last.
     tail = cfg.tail_shots if cfg.tail == "separate" else 0
@@ -600,6 +618,8 @@ def main(argv=None):
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
     inner_state = map_state(state["inner_state"], lambda v: v.to(device))
+    if cfg.predict:
+        return maml.run_predict(cfg, partial(classify, params, inner_state, problem, cfg))
     results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
 

@@ -94,5 +94,5 @@ def folder_dir(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    # Caches that cannot go beside the data land here, not in the user's ~/.cache.
+    # Caches land here, not in the user's ~/.cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -57,8 +57,15 @@ def test_image_folder_cli_and_meta_test_on_own_data(folder_dir, omniglot_dir, tm
     # an Omniglot model meta-tested on a user's folder of images
     ckpt = tmp_path / "o.pt"
     run("--dataset", "omniglot", "--data-dir", omniglot_dir, "--ways", "3", *TINY, "--save", ckpt)
+    import shutil
+    shutil.rmtree(omniglot_dir)              # the checkpoint fixes the image format: no training data needed
     p = run("--eval-only", "--load", ckpt, "--test-dir", folder_dir, "--test-tasks", "4")
-    assert "10 classes" in p.stdout and "test_acc=" in p.stdout
+    assert "10 classes" in p.stdout and "test_acc=" in p.stdout and "not independent" not in p.stdout
+    few = tmp_path / "few"
+    for c in ("a", "b", "c", "d"):               # 4 classes < 2 × 3 ways
+        shutil.copytree(folder_dir / "group0" / f"class{'abcd'.index(c)}", few / c)
+    p = run("--eval-only", "--load", ckpt, "--test-dir", few, "--test-tasks", "4")
+    assert "--test-dir has 4 classes, fewer than 2 × ways = 6" in p.stdout and "not independent" in p.stdout
 
 
 def test_errors_are_clear(tmp_path, omniglot_dir):
