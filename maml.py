@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -536,7 +537,9 @@ def check_output_paths(cfg):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({e.strerror})") from None
+            blocker = next((p for p in [folder, *Path(folder).parents] if os.path.isfile(p)), None)
+            why = f"{blocker} is a file" if blocker else e.strerror
+            raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({why})") from None
         if not os.access(folder, os.W_OK):
             raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable")
     for orphan in glob.glob(glob.escape(os.path.abspath(cfg.save)) + ".*.tmp") if cfg.save else []:

@@ -207,6 +207,14 @@ def main(argv=None):
     init = problem.params          # the seed's initialization (training works on a copy)
     # a maml.py checkpoint comes only with --eval-only: anil.parse lets --resume continue ANIL alone
     algorithm = saved.get("algorithm", "maml") if saved else "anil"
+    other = maml.load_checkpoint(cfg.maml_checkpoint) if cfg.maml_checkpoint else None   # checked before any run
+    if other and algorithm != "anil":
+        raise SystemExit(f"error: --maml-checkpoint compares an ANIL model with MAML, but {cfg.load} is "
+                         f"itself a {algorithm}.py checkpoint")
+    if other and (maml.checkpoint_algorithm(other) != "maml" or set(other["params"]) != set(problem.params) or any(
+            other["params"][k].shape != v.shape for k, v in problem.params.items())):
+        raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
+                         f"(dataset {cfg.dataset}, ways {cfg.ways})")
     started = time.time()
     if not cfg.eval_only:
         if state["iteration"] >= cfg.iterations:
@@ -232,13 +240,8 @@ def main(argv=None):
                        "nil_minus_head": {"mean": dm, "ci95": dc}}
     trained = f"{algorithm.upper()} training"
     rows = {(trained, f"{algorithm.upper()} head"): head, (trained, "NIL head"): nil}    # Table 5's rows
-    if cfg.maml_checkpoint and algorithm == "anil":
+    if other:
         # Table 1: MAML on the same tasks, for ANIL ≈ MAML as a paired comparison; MAML keeps its own α and steps
-        other = maml.load_checkpoint(cfg.maml_checkpoint)
-        if maml.checkpoint_algorithm(other) != "maml" or set(other["params"]) != set(problem.params) or any(
-                other["params"][k].shape != v.shape for k, v in problem.params.items()):
-            raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
-                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
         own = argparse.Namespace(**(vars(cfg) | {k: other["config"][k] for k in ("inner_lr", "eval_steps")}))
         maml_params = {k: v.to(cfg.device) for k, v in other["params"].items()}
         reference, rows["MAML training", "NIL head"] = accuracies(own, problem, net, maml_params, "maml")

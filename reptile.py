@@ -588,6 +588,9 @@ def main(argv=None):
         # --iterations may change only for a test: ε is annealed to 0 over it
         overridable = OVERRIDABLE_FLAGS | ({"iterations"} if args.eval_only else set())
         args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS, overridable)
+    if "tail_shots" in given and args.dataset == "sinusoid":
+        raise SystemExit("error: --tail-shots is for classification; the sinusoid's separate tail is its 50 "
+                         "even points (§4)")
     cfg = finalize_config(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     seed_everything(cfg.seed)

@@ -337,3 +337,17 @@ def test_sigterm_saves_a_checkpoint_and_stops_with_one_line(argv, tmp_path):
     line = err.strip().splitlines()[-1]
     done = torch.load(ckpt)["iteration"]
     assert line == f"stopped at iteration {done}: the checkpoint is {ckpt} (go on with --resume {ckpt})"
+
+
+def test_flags_that_would_be_ignored_are_refused(omniglot_dir, tmp_path):
+    import nil
+    import reptile
+    with pytest.raises(SystemExit, match="--tail-shots is for classification"):
+        reptile.main(["--tail", "separate", "--tail-shots", "60"])
+    ckpt = tmp_path / "m.pt"
+    maml.main(["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", "3", "--iterations", "1",
+               "--meta-batch-size", "2", "--val-tasks", "2", "--test-tasks", "2", "--save", str(ckpt)])
+    with pytest.raises(SystemExit, match="--maml-checkpoint compares an ANIL model with MAML"):
+        nil.main(["--eval-only", "--load", str(ckpt), "--maml-checkpoint", str(ckpt)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        nil.main(["--eval-only", "--load", str(ckpt), "--maml-checkpoint", str(tmp_path / "nope.pt")])
