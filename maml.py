@@ -503,7 +503,23 @@ def check_session_flags(cfg):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
     check_numbers(cfg)
+    refuse_unused(cfg)
     check_output_paths(cfg)
+
+
+# flag: (its default, the datasets where it means something); given elsewhere, it is refused, not ignored
+DATASET_FLAGS = {"sinusoid_variant": ("maml", {"sinusoid"}), "no_baseline": (False, {"sinusoid"}),
+                 "full": (False, {"sinusoid"}), "rotate_eval": (False, {"omniglot"}),
+                 "rotate_tasks": (False, {"omniglot"}), "image_size": (84, {"folder"}), "channels": (3, {"folder"}),
+                 "data_dir": (None, {"omniglot", "miniimagenet", "folder"}),
+                 "test_dir": (None, {"omniglot", "miniimagenet", "folder"})}
+
+
+def refuse_unused(cfg):
+    for k, (default, datasets) in DATASET_FLAGS.items():
+        if hasattr(cfg, "dataset") and getattr(cfg, k, default) != default and cfg.dataset not in datasets:
+            raise SystemExit(f"error: --{k.replace('_', '-')} is for --dataset {' or '.join(sorted(datasets))}, "
+                             f"not {cfg.dataset}")
 
 
 STEP_SIZES = ("inner_lr", "outer_lr", "meta_step_size", "max_kl", "clip_grad")
@@ -687,6 +703,10 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)   # atomic: a crash leaves the previous checkpoint intact
+    except OSError as e:        # a full disk: the previous checkpoint is still there
+        os.unlink(tmp)
+        raise SystemExit(f"error: could not write the checkpoint {path} ({e.strerror}); "
+                         f"the previous one, if any, is intact") from None
     except BaseException:
         os.unlink(tmp)
         raise

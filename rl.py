@@ -69,6 +69,10 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except OSError as e:        # a full disk: the previous checkpoint is still there
+        os.unlink(tmp)
+        raise SystemExit(f"error: could not write the checkpoint {path} ({e.strerror}); "
+                         f"the previous one, if any, is intact") from None
     except BaseException:
         os.unlink(tmp)
         raise

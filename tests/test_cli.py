@@ -351,3 +351,30 @@ def test_flags_that_would_be_ignored_are_refused(omniglot_dir, tmp_path):
         nil.main(["--eval-only", "--load", str(ckpt), "--maml-checkpoint", str(ckpt)])
     with pytest.raises(SystemExit, match="does not exist"):
         nil.main(["--eval-only", "--load", str(ckpt), "--maml-checkpoint", str(tmp_path / "nope.pt")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "omniglot", "--image-size", "32"], "--image-size is for --dataset folder, not omniglot"),
+    (["--rotate-eval"], "--rotate-eval is for --dataset omniglot, not sinusoid"),
+    (["--dataset", "folder", "--data-dir", "x", "--full"], "--full is for --dataset sinusoid, not folder"),
+    (["--data-dir", "x"], "--data-dir is for --dataset folder or miniimagenet or omniglot, not sinusoid"),
+])
+def test_a_flag_this_dataset_does_not_use_is_refused_not_ignored(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        maml.main(argv)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import rl
+    path = tmp_path / "c.pt"
+    maml.save_checkpoint(str(path), {"iteration": 1})
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    for save in (maml.save_checkpoint, rl.save_checkpoint):
+        with pytest.raises(SystemExit, match="No space left on device.*the previous one, if any, is intact"):
+            save(str(path), {"iteration": 2})
+    monkeypatch.undo()
+    assert torch.load(path)["iteration"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
