@@ -576,7 +576,18 @@ def write_results(path, results):
             raise SystemExit(f"error: could not write --out {path} ({e.strerror}); "
                              f"the results are in {spare}") from None
         print(f"wrote {path}")
+    if not all_finite(results.get("test")):
+        raise SystemExit("error: the test result is not finite (NaN or inf): the model diverged"
+                         + (f"; the numbers are in {path}" if path else ""))
     return results
+
+
+def all_finite(x):
+    if isinstance(x, dict):
+        return all(all_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(all_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
 
 
 @dataclass

@@ -378,3 +378,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             save(str(path), {"iteration": 2})
     monkeypatch.undo()
     assert torch.load(path)["iteration"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_non_finite_test_result_is_written_and_stops_with_a_non_zero_exit(tmp_path):
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="test result is not finite.*numbers are in"):
+        maml.write_results(str(out), {"test": {"K=5": {"maml": [[0.5, 0.1], [float("nan"), 0.0]]}}})
+    assert "NaN" in out.read_text()
+    assert maml.write_results(None, {"test": {"accuracy": 0.5}, "history": [float("nan")]})   # only the test counts
