@@ -1,6 +1,7 @@
 """maml.py end to end: every CLI path on the tiny fixtures (in a subprocess), checkpoints that
 resume identically, reproducibility, learning, and the clear errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import torch
 import data
 import maml
 from conftest import ROOT
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 TINY = ["--iterations", "3", "--meta-batch-size", "2", "--val-tasks", "2", "--test-tasks", "4",
         "--eval-steps", "1", "--inner-steps", "1"]
@@ -181,13 +184,14 @@ def test_output_paths_are_checked_before_any_data_or_training(script, tmp_path, 
     monkeypatch.setattr(rl, "run", never)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    for flag in ("--out", "--save", "--plot"):
+    for flag in ("--out", "--save") + (("--plot",) if HAVE_MATPLOTLIB else ()):
         with pytest.raises(SystemExit, match=f"{flag} .* is a folder"):
             main(argv + [flag, str(tmp_path)])
         with pytest.raises(SystemExit, match=f"{flag} .*cannot create the folder"):
             main(argv + [flag, str(a_file / "sub" / "x.json")])
 
 
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="--plot needs matplotlib, which is optional")
 def test_missing_output_folders_are_created_and_the_json_comes_before_the_figure(tmp_path, monkeypatch):
     def broken_plot(*args, **kw):
         raise RuntimeError("the figure failed")
