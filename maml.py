@@ -478,8 +478,9 @@ def finalize_config(cfg):
 
 
 def check_session_flags(cfg):
-    """The checks every entry point shares (maml.py, anil.py, rl.py): checkpoint flags that go
-    together, matplotlib for --plot, a CUDA device for --device cuda."""
+    """The checks every entry point shares (maml.py, anil.py, nil.py, reptile.py, rl.py), before any
+    data is loaded: flags that go together, matplotlib for --plot, the device, then the numbers, the
+    dataset's own flags and the output paths below."""
     if getattr(cfg, "predict", None) or getattr(cfg, "support", None):
         if not (cfg.predict and cfg.support and cfg.load):
             raise SystemExit("error: --predict IMAGES needs --support DIR and --load CHECKPOINT")
