@@ -511,6 +511,14 @@ def _image_files(d):
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _read_user_image(p, size, channels, invert):
+    """_read_image on a user's file, naming the file when it cannot be read."""
+    try:
+        return _read_image(str(p), size, channels, invert)
+    except Exception as e:
+        raise DataError(f"could not read image {p} ({type(e).__name__}); remove or replace it") from None
+
+
 def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
     """Every class folder under `root` (a folder that directly holds images is a class),
     resized to image_size x image_size; cached (see _cache_path)."""
@@ -530,11 +538,7 @@ def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
         from tqdm import tqdm
         images, counts, names = [], [], []
         for d in tqdm(class_dirs, desc=f"{root.name}: resize to {image_size}x{image_size}", unit="class"):
-            for p in files[d]:
-                try:
-                    images.append(_read_image(str(p), image_size, channels, invert))
-                except Exception as e:
-                    raise DataError(f"could not read image {p} ({e}); remove or replace it") from e
+            images += [_read_user_image(p, image_size, channels, invert) for p in files[d]]
             counts.append(len(files[d]))
             names.append(str(d.relative_to(root)))
         return np.stack(images), np.array(counts), names
@@ -589,10 +593,7 @@ def load_prediction_sets(support_dir, queries, size, channels, invert):
         raise DataError(f"--predict {' '.join(queries)}: no images ({', '.join(IMAGE_SUFFIXES)})")
 
     def read(p):
-        try:
-            return _read_image(str(p), size, channels, invert)
-        except Exception as e:
-            raise DataError(f"could not read image {p} ({type(e).__name__}); remove or replace it") from None
+        return _read_user_image(p, size, channels, invert)
     support = [(read(p), j) for j, c in enumerate(classes) for p in _image_files(root / c)]
     known = all(p.parent.name in classes for p in paths)
     return PredictionSets(classes, torch.from_numpy(np.stack([x for x, _ in support])),

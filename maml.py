@@ -380,7 +380,6 @@ def conv_feature_dim(image_size, hidden, max_pool):
     return hidden * size * size if max_pool else hidden
 
 
-
 class HelpFormatter(argparse.HelpFormatter):
     """Shows a flag's default only when it has one; unset flags take the paper's value."""
     def _get_help_string(self, action):
