@@ -42,7 +42,9 @@ import torch.nn.functional as F
 
 import data
 import maml
-from maml import mean_ci, per_task
+import rl
+from data import mean_ci
+from maml import per_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,6 @@ POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
 
 def adapt_policy(params, episodes, inner_lr, first_order):
     """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
-    import rl
     net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"))
     return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
 
@@ -320,7 +321,7 @@ def timing(cfg, image_size=84):
     ways, out = 5, {}
     params = {k: v.to(device).requires_grad_()
               for k, v in maml.init_convnet(3, 32, ways, maml.conv_feature_dim(image_size, 32, True), g).items()}
-    problem = maml.Problem(params, None, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    problem = data.Problem(params, None, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
     problem.forward = make_net(SimpleNamespace(dataset="miniimagenet"), problem)
     inner_loop = {"MAML": maml.adapt, "FOMAML": maml.adapt, "ANIL": adapt}
     print(f"\nTiming (App. E.6, Table 4): MiniImageNet network, 5-way, task batch 1, 1 target example, "
@@ -357,7 +358,7 @@ def timing(cfg, image_size=84):
 
 # ---- Below: what the paper does not contain: command line, checkpoints, plots (training is maml.train) ----
 
-# The flags that exist only here: like maml.SESSION_FLAGS, always taken from the command line.
+# The flags that exist only here: like data.SESSION_FLAGS, always taken from the command line.
 ANALYSIS_FLAGS = {"freeze_table", "similarity", "similarity_tasks", "similarity_query", "timing",
                   "timing_batches"}
 def build_parser():
@@ -380,47 +381,25 @@ def build_parser():
 
 
 def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
-    """Parse, merge with the checkpoint's config (maml.merge_checkpoint_config; the analysis flags
-    are not part of training, so they come from the command line) and fill the paper settings.
-    Returns the config and the loaded checkpoint, or None."""
-    args = parser.parse_args(argv)
-    if args.plot and not getattr(args, "similarity", True):           # nil.py has no --similarity
+    """data.parse_args, with the analysis flags taken from the command line (they are not part of
+    training), then the paper settings. ANIL resumes its own training; a MAML model may be tested
+    (the freezing study's "1-4")."""
+    cfg, saved, _ = data.parse_args(parser, argv, "anil", testable={"maml"},
+                                    session_flags=data.SESSION_FLAGS | analysis_flags)
+    if cfg.plot and not getattr(cfg, "similarity", True):           # nil.py has no --similarity
         raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
     for name in ("similarity_tasks", "similarity_query", "timing_batches"):
-        if getattr(args, name, 1) < 1:
+        if getattr(cfg, name, 1) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    source = args.resume or args.load
-    saved = maml.load_checkpoint(source) if source else None
-    if saved and saved["config"].get("env"):
-        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
-    if saved:   # ANIL resumes its own training; a MAML model may be tested (the freezing study's "1-4")
-        maml.refuse_foreign(saved, source, {"anil"} if args.resume else {"anil", "maml"})
-        args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS | analysis_flags)
-    return maml.finalize_config(args), saved
+    return maml.finalize_config(cfg), saved
 
 
 def setup(cfg, saved):
-    """The problem, the body/head split, and the starting state (fresh or the checkpoint's)."""
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    maml.seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    try:
-        splits = maml.load_splits(cfg)
-        problem = maml.make_problem(cfg, device, splits)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    """maml.setup, with the network split into body and head for ANIL's inner loop."""
+    problem, state = maml.setup(cfg, saved)
     net = make_net(cfg, problem)
-    problem.forward = net          # the same network, split into body and head for ANIL's inner loop
-    if saved:
-        if set(saved["params"]) != set(problem.params) or any(
-                saved["params"][k].shape != problem.params[k].shape for k in problem.params):
-            raise SystemExit(f"error: the parameters in {cfg.resume or cfg.load} do not fit this model "
-                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
-        state = saved
-    else:
-        state = {"params": problem.params, "iteration": 0}
-    return splits, problem, net, state
+    problem.forward = net          # the same network, split into body and head
+    return problem, net, state
 
 
 def plot_similarity(path, summary, cfg):
@@ -447,29 +426,29 @@ def plot_similarity(path, summary, cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    maml.keep_freed_memory()
+    data.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
-        return maml.main_rl(argv, adapt_policy, "anil", "anil.py")
+        return rl.main(argv, adapt_policy, "anil", "anil.py")
     cfg, saved = parse(build_parser(), argv)
     if cfg.timing:
         print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-        maml.seed_everything(cfg.seed)
-        return maml.write_results(cfg.out, {"config": vars(cfg), "timing": timing(cfg)})
-    splits, problem, net, state = setup(cfg, saved)
+        data.seed_everything(cfg.seed)
+        return data.write_results(cfg.out, {"config": vars(cfg), "timing": timing(cfg)})
+    data.setup_distributed(cfg, "anil.py")
+    problem, net, state = setup(cfg, saved)
     if saved and saved.get("algorithm", "maml") != "anil":
         print(f"note: {cfg.load} was trained by maml.py; its test below uses ANIL's head-only inner loop "
               f"(the 'frozen 1-4' row of the freezing table)")
     if cfg.predict:
         params = {k: v.to(cfg.device) for k, v in state["params"].items()}
-        return maml.run_predict(cfg, partial(maml.classify, params, problem, cfg, adapt=adapt))
+        return data.run_predict(cfg, partial(maml.classify, params, problem, cfg, adapt=adapt))
 
     started = time.time()
     if not cfg.eval_only:
-        if state["iteration"] >= cfg.iterations:
-            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        else:
-            with maml.StopRequest() as stop:
-                state = maml.train(cfg, problem, state, adapt, "anil", stop)
+        with data.StopRequest() as stop:
+            state = maml.train(cfg, problem, state, adapt, "anil", stop)
+    if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
+        return None
     results = {"config": vars(cfg), "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(cfg.device) for k, v in state["params"].items()}
@@ -480,15 +459,15 @@ def main(argv=None):
             else f"{cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")
     print(f"\nANIL meta-test: {cfg.test_tasks} tasks, {task}, {name} ± 95% CI after k head steps "
           f"(α = {cfg.inner_lr}):")
-    print("  " + maml.format_curve(curve))
+    print("  " + data.format_curve(curve))
     m, c = mean_ci(curve[-1])
     print(f"test_{name}={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
     results["test"] = {f"{name}_by_step": [mean_ci(r) for r in curve], name: m, "ci95": c}
     if cfg.freeze_table:
         results["freeze_table"] = freeze_table(cfg, problem, net, params)
     if cfg.similarity:
-        results["similarity"] = similarity(cfg, problem, net, params, splits)
-    maml.write_results(cfg.out, results)
+        results["similarity"] = similarity(cfg, problem, net, params, problem.splits)
+    data.write_results(cfg.out, results)
     if cfg.plot and cfg.similarity:
         plot_similarity("anil_similarity.png" if cfg.plot == "auto" else cfg.plot, results["similarity"], cfg)
     return results

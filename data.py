@@ -15,10 +15,20 @@ handful of indexing operations and never the bottleneck (tests/benchmark.py meas
 Symbols: N ways, K shots, Q query (per class), T tasks in a batch.
 """
 
+import argparse
+import atexit
+import contextlib
+import ctypes
+import glob
 import hashlib
+import importlib.util
 import io
+import json
+import math
 import os
 import pickle
+import random
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -26,9 +36,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -609,3 +621,510 @@ def write_predictions_csv(path, rows):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+# ---------------------------------------------------------------------------------------------
+# Run plumbing that every script shares (maml.py, anil.py, nil.py, reptile.py, rl.py): the checks
+# on the command line, one way to merge a checkpoint's config with it, atomic checkpoints, the
+# results file, Ctrl-C, and few-shot prediction on a user's images. None of it is in the papers.
+# ---------------------------------------------------------------------------------------------
+
+def task_batches(problem, split, tasks, batch_size, seed, **kw):
+    """A fixed, seeded set of `tasks` tasks in batches of `batch_size`. Tasks are drawn one at a
+    time, so the set is the same for every model and every batch size."""
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < tasks:
+        n = min(batch_size, tasks - done)
+        drawn = [problem.sample(split, 1, g, **kw) for _ in range(n)]
+        yield tuple(torch.cat(parts) for parts in zip(*drawn))
+        done += n
+
+
+def mean_ci(values):
+    """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: training stops before it touches θ, and the last checkpoint is kept."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default only when it has one; unset flags take the paper's value."""
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "%(default)" in action.help:                  # `is`: a default of 0 is shown
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def check_session_flags(cfg):
+    """The checks every entry point shares (maml.py, anil.py, nil.py, reptile.py, rl.py), before any
+    data is loaded: flags that go together, matplotlib for --plot, the device, then the numbers, the
+    dataset's own flags and the output paths below."""
+    if getattr(cfg, "predict", None) or getattr(cfg, "support", None):
+        if not (cfg.predict and cfg.support and cfg.load):
+            raise SystemExit("error: --predict IMAGES needs --support DIR and --load CHECKPOINT")
+        if cfg.dataset == "sinusoid":
+            raise SystemExit(f"error: --predict classifies images; {cfg.load} is a sinusoid regressor")
+        cfg.eval_only = True
+    if cfg.eval_only and not cfg.load:
+        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
+    if cfg.load and not cfg.eval_only:
+        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
+    if cfg.load and cfg.resume:
+        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {cfg.device}: this code runs on cpu or cuda (cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    check_numbers(cfg)
+    refuse_unused(cfg)
+    check_output_paths(cfg)
+
+
+# flag: (its default, the datasets where it means something); given elsewhere, it is refused, not ignored
+DATASET_FLAGS = {"sinusoid_variant": ("maml", {"sinusoid"}), "no_baseline": (False, {"sinusoid"}),
+                 "full": (False, {"sinusoid"}), "rotate_eval": (False, {"omniglot"}),
+                 "rotate_tasks": (False, {"omniglot"}), "image_size": (84, {"folder"}), "channels": (3, {"folder"}),
+                 "data_dir": (None, {"omniglot", "miniimagenet", "folder"}),
+                 "test_dir": (None, {"omniglot", "miniimagenet", "folder"})}
+
+
+def refuse_unused(cfg):
+    for k, (default, datasets) in DATASET_FLAGS.items():
+        if hasattr(cfg, "dataset") and getattr(cfg, k, default) != default and cfg.dataset not in datasets:
+            raise SystemExit(f"error: --{k.replace('_', '-')} is for --dataset {' or '.join(sorted(datasets))}, "
+                             f"not {cfg.dataset}")
+
+
+STEP_SIZES = ("inner_lr", "outer_lr", "meta_step_size", "max_kl", "clip_grad")
+
+
+def check_numbers(cfg):
+    """Numbers that argparse accepts but no run can use: NaN or inf anywhere, a step size that is not
+    positive, a seed outside numpy's range, an image too small for four 2×2 max-pools."""
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SystemExit(f"error: {flag} {v}: not a finite number")
+        if k in STEP_SIZES and v is not None and v <= 0:
+            raise SystemExit(f"error: {flag} {v}: a step size must be positive")
+        if k in ("seed", "split_seed") and not 0 <= v < 2 ** 32:
+            raise SystemExit(f"error: {flag} {v}: seeds lie in [0, 2^32)")
+    if getattr(cfg, "image_size", 16) < 16:
+        raise SystemExit(f"error: --image-size {cfg.image_size}: the network's four 2×2 max-pools need at least 16")
+
+
+def check_output_paths(cfg):
+    """--out, --save and --plot are checked before any data is loaded or any step is trained, so that
+    a typo in a folder name cannot cost a finished run. A missing folder is created, as for --save."""
+    plot = None if cfg.plot == "auto" else cfg.plot
+    for flag, path in (("--out", cfg.out), ("--save", cfg.save), ("--plot", plot)):
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            blocker = next((p for p in [folder, *Path(folder).parents] if os.path.isfile(p)), None)
+            why = f"{blocker} is a file" if blocker else e.strerror
+            raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({why})") from None
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable")
+    for orphan in glob.glob(glob.escape(os.path.abspath(cfg.save)) + ".*.tmp") if cfg.save else []:
+        with contextlib.suppress(FileNotFoundError):    # another torchrun rank may have removed it
+            os.remove(orphan)   # a save that a kill -9 interrupted (save_checkpoint names them so)
+
+
+def write_results(path, results):
+    """The --out JSON, written before any figure. If it still cannot be written (disk full, folder
+    removed), the results go to a file in the temporary folder and the run exits non-zero, saying where."""
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        except OSError as e:
+            fd, spare = tempfile.mkstemp(prefix="results-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+            raise SystemExit(f"error: could not write --out {path} ({e.strerror}); "
+                             f"the results are in {spare}") from None
+        print(f"wrote {path}")
+    if not all_finite(results.get("test")):
+        raise SystemExit("error: the test result is not finite (NaN or inf): the model diverged"
+                         + (f"; the numbers are in {path}" if path else ""))
+    return results
+
+
+def all_finite(x):
+    if isinstance(x, dict):
+        return all(all_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(all_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+@dataclass
+class Problem:
+    """What the algorithm needs to know about a task distribution."""
+    params: dict                     # θ at initialization
+    forward: Callable                # forward(params with leading T, x (T, B, ...)) -> (T, B, outputs)
+    loss: Callable                   # loss(out, y) -> (T,)
+    metric: Callable                 # what evaluation reports per task: accuracy or MSE
+    metric_name: str
+    sample: Callable                 # sample(split, tasks, generator) -> x_s, y_s, x_q, y_q
+    has_val: bool = True             # False when the val split has fewer classes than ways
+    splits: dict = None              # the ClassImages of each split (anil.py's similarity draws its own tasks)
+
+
+def run_predict(cfg, classify, any_ways=False):
+    """Few-shot prediction on a user's images: read --support and --predict (py), classify, print
+    one line per image (path, class, probability) and, where the folders name the classes, the accuracy.
+    any_ways: NIL, which has no head, takes any number of support classes."""
+    try:
+        sets = load_prediction_sets(cfg.support, cfg.predict, *image_format(cfg))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not any_ways and len(sets.classes) != cfg.ways:
+        raise SystemExit(f"error: --support {cfg.support} has {len(sets.classes)} classes, but the model's head "
+                         f"has {cfg.ways} (its --ways): give {cfg.ways} class folders")
+    device = torch.device(cfg.device)
+    x_s, x_q = (x[None].float().div_(255.0).to(device) for x in (sets.x_support, sets.x_query))
+    probs = classify(x_s, sets.y_support[None].to(device), x_q)[0].cpu()       # (M, N)
+    confidence, label = probs.max(-1)
+    rows = [{"image": p, "class": sets.classes[c], "probability": round(float(q), 4)}
+            for p, c, q in zip(sets.query_paths, label.tolist(), confidence.tolist())]
+    print(f"{len(sets.y_support)} support images of {len(sets.classes)} classes; image, class, probability:")
+    for r in rows:
+        print(f"{r['image']}\t{r['class']}\t{r['probability']:.4f}")
+    results = {"config": vars(cfg), "classes": sets.classes, "predictions": rows}
+    if sets.y_query is not None:
+        results["accuracy"] = float((label == sets.y_query).float().mean())
+        print(f"accuracy on the {len(rows)} images, whose folders name their class: {results['accuracy']:.4f}")
+    if cfg.out and cfg.out.endswith(".csv"):
+        write_predictions_csv(cfg.out, rows)
+        print(f"wrote {cfg.out}")
+        return results
+    return write_results(cfg.out, results)
+
+
+def image_format(cfg):
+    """(size, channels, invert) of the network's input, from the config alone: Omniglot is 28x28 grey
+    with ink = 1, MiniImageNet 84x84 RGB, a folder as --image-size and --channels say."""
+    if cfg.dataset == "omniglot":
+        return 28, 1, True
+    if cfg.dataset == "miniimagenet":
+        return 84, 3, False
+    return cfg.image_size, cfg.channels, False
+
+
+def load_splits(cfg):
+    if cfg.dataset == "sinusoid" or cfg.predict:
+        return {}
+    if cfg.test_dir and cfg.eval_only:         # the checkpoint fixes the format: no training data needed
+        splits = {"test": load_image_folder_classes(cfg.test_dir, *image_format(cfg))}
+    elif cfg.dataset == "omniglot":
+        splits = load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval, rotated_classes=not cfg.rotate_tasks)
+    elif cfg.dataset == "miniimagenet":
+        splits = load_miniimagenet(cfg.data_dir)
+    else:
+        splits = load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
+    if cfg.test_dir and not cfg.eval_only:
+        splits["test"] = load_image_folder_classes(cfg.test_dir, *image_format(cfg))
+    if cfg.test_dir and splits["test"].num_classes < 2 * cfg.ways:
+        print(f"note: --test-dir has {splits['test'].num_classes} classes, fewer than 2 × ways = {2 * cfg.ways}: "
+              f"its {cfg.test_tasks} tasks redraw the same classes, so they are not independent and the "
+              f"± understates the uncertainty")
+    return splits
+
+
+def save_checkpoint(path, state):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # named after the checkpoint, so that the next start can remove one that a kill -9 left behind
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)   # atomic: a crash leaves the previous checkpoint intact
+    except OSError as e:        # a full disk: the previous checkpoint is still there
+        os.unlink(tmp)
+        raise SystemExit(f"error: could not write the checkpoint {path} ({e.strerror}); "
+                         f"the previous one, if any, is intact") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch's own message advises weights_only=False, which runs arbitrary code
+        raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"params", "config", "iteration"} <= set(state):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project "
+                         f"(expected a dict with params, config, iteration)")
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} was written by a newer version of this code (format {state['format']})")
+    return state
+
+
+CHECKPOINT_FORMAT = 1   # every checkpoint records it, and the script that wrote it ("algorithm")
+
+
+def checkpoint_algorithm(saved):
+    """The script that wrote a checkpoint. Older Reptile checkpoints lack the entry but carry an inner_state."""
+    return saved.get("algorithm") or ("reptile" if "inner_state" in saved else "maml")
+
+
+def refuse_foreign(saved, source, accepted):
+    """Refuse, before anything is trained or written, a checkpoint that another script wrote."""
+    kind = checkpoint_algorithm(saved)
+    if kind not in accepted:
+        raise SystemExit(f"error: {source} was written by {kind}.py; this takes "
+                         f"{' or '.join(f'{a}.py' for a in sorted(accepted))} checkpoints (use {kind}.py with it)")
+
+
+# Flags about this invocation, always taken from the command line.
+SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "predict", "support"}
+
+
+# Flags that may differ from the checkpoint's when given again: the evaluation, the length, and the
+# step sizes, so that a run that diverged can resume from its last good checkpoint with smaller ones.
+OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
+                     "eval_steps", "val_tasks", "inner_lr", "outer_lr"}
+
+
+def parse_args(parser, argv, algorithm, testable=(), session_flags=SESSION_FLAGS,
+               overridable=OVERRIDABLE_FLAGS, test_overridable=()):
+    """The command line merged with the --resume or --load checkpoint's config: the one way every
+    supervised script does it. --resume takes only `algorithm`'s checkpoints, --load also `testable`
+    ones; `test_overridable` flags may differ from the checkpoint's only with --eval-only.
+    Returns the merged flags, the checkpoint (or None) and the names of the flags given."""
+    args = parser.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    source = args.resume or args.load
+    saved = load_checkpoint(source) if source else None
+    if saved and saved["config"].get("env"):
+        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
+    if saved:
+        refuse_foreign(saved, source, {algorithm} | (set(testable) if args.load else set()))
+        overridable = set(overridable) | (set(test_overridable) if args.eval_only else set())
+        args = merge_checkpoint_config(args, saved["config"], given, session_flags, overridable)
+    return args, saved, given
+
+
+def check_fit(saved, params, cfg):
+    """Refuse a checkpoint whose parameters do not have this model's names and shapes."""
+    if {k: v.shape for k, v in saved["params"].items()} != {k: v.shape for k, v in params.items()}:
+        raise SystemExit(f"error: the parameters in {cfg.resume or cfg.load} do not fit this model "
+                         f"(dataset {cfg.dataset}, ways {cfg.ways})")
+
+
+def add_dataset_flags(p, papers):
+    """The flags that choose the task distribution, the same in maml.py, anil.py, nil.py and reptile.py."""
+    a = p.add_argument
+    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
+      help=f"task distribution: {papers}, or an image folder")
+    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
+      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
+    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
+    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
+    a("--rotate-tasks", action="store_true", help="Omniglot as cbfinn/maml: no rotated classes; each class of "
+      "every task, in training and test, is turned by its own random multiple of 90°")
+    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
+    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
+    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
+
+
+def add_session_flags(p, resumable):
+    """This invocation's flags (SESSION_FLAGS), the same in every supervised script. `resumable`: the
+    training flags that a --resume may change."""
+    a = p.add_argument
+    a("--seed", type=int, default=0, help="seeds the initialization, the task stream and any inner mini-batches")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--out", default=None, help="write the config and final metrics to this JSON file")
+    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
+    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
+      f"only {resumable} and the evaluation flags may differ from it")
+    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
+    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
+      "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
+    a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")
+
+
+def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS):
+    """The checkpoint's config, with this invocation's flags. A training flag given on the command
+    line that contradicts the checkpoint is an error, not silently ignored."""
+    merged = argparse.Namespace(**saved)
+    for k, v in vars(cfg).items():
+        if k in session_flags or (k in overridable and k in given) or k not in saved:
+            setattr(merged, k, v)
+        elif k in given and saved[k] != v:
+            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved[k]}")
+    return merged
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def keep_freed_memory():
+    """Speed only: glibc otherwise unmaps large freed tensors at once, and every iteration
+    page-faults them back in. Returns whether the setting took (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # from glibc's <malloc.h>
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: the current iteration ends, a checkpoint is saved (with
+    --save) and the run stops with one line. A second Ctrl-C stops at once. Used as `with`."""
+
+    def __enter__(self):
+        self.asked, self.previous = False, {}
+        try:
+            self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:      # not the main thread: signals stay as they are
+            pass
+        return self
+
+    def ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def check(self, done, save, bar, checkpoint):
+        """At the end of an iteration."""
+        if not self.asked:
+            return
+        bar.close()
+        state = checkpoint(done) if save else None
+        if state and all(torch.isfinite(v).all() for v in state["params"].values()):
+            save_checkpoint(save, state)
+            raise SystemExit(f"stopped at iteration {done}: the checkpoint is {save} (go on with --resume {save})")
+        raise SystemExit(f"stopped at iteration {done}: nothing saved" + (" (no --save)" if not save else ""))
+
+
+class NoStop:
+    def check(self, *args):
+        pass
+
+
+def stop_unless_finite(params, line, save, bar):
+    """A checkpoint is written only when θ and the validation numbers are finite; otherwise training
+    stops here and the file on disk stays the last good one."""
+    if all(torch.isfinite(v).all() for v in params.values()) and \
+            all(math.isfinite(v) for v in line.values() if isinstance(v, float)):
+        return
+    bar.close()
+    kept = f"; the last good checkpoint is {save}" if save and os.path.exists(save) else ""
+    raise SystemExit(f"error: non-finite parameters or validation at iteration {line['iteration']}: training "
+                     f"stopped (resume with a smaller step size){kept}")
+
+
+def format_curve(curve):
+    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
+
+
+def plot_curves(path, curves, title):
+    """The adaptation curve(s) of a test, mean ± 95% CI: curves is {label: (steps, per-task rows)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, (steps, curve) in curves.items():
+        stats = [mean_ci(r) for r in curve]
+        ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3,
+                    label=label)
+    ax.set_xlabel("inner gradient steps at test time")
+    ax.set_ylabel("query accuracy")
+    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"saved {path}")
+
+
+# ---- More processes or GPUs (torchrun), as nanoGPT's train.py does it ----------------------------
+# Every rank draws the same full meta-batch from the same seeded generator, adapts its own slice
+# of the tasks, and the means over tasks (the meta-gradient, Reptile's φ̃) are averaged across ranks
+# with weights tasks per rank. Every rank then takes the same step, so θ stays identical on all.
+RANK, WORLD = 0, 1
+
+
+def setup_distributed(cfg, script):
+    """Join torchrun's process group when launched by torchrun (it sets WORLD_SIZE); otherwise one
+    process. Ranks other than 0 print nothing and write no file."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    if cfg.meta_batch_size < int(os.environ["WORLD_SIZE"]):
+        raise SystemExit(f"error: --meta-batch-size {cfg.meta_batch_size} is smaller than the "
+                         f"{os.environ['WORLD_SIZE']} processes: every process needs at least one task")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    atexit.register(dist.destroy_process_group)
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    if RANK != 0:
+        cfg.save = cfg.out = cfg.plot = None
+        sys.stdout = open(os.devnull, "w")
+    print(f"torchrun: {WORLD} processes, {script} on {cfg.device}, {cfg.meta_batch_size} tasks per meta-batch")
+
+
+def refuse_distributed(script, why):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"error: {script} does not run under torchrun: {why}")
+
+
+def rank_tasks(tensors):
+    """This rank's slice of the tasks (the leading dimension) of each tensor; all of them in one process.
+    The split need not be even: 25 tasks on 2 ranks are 12 and 13."""
+    if WORLD == 1:
+        return tensors
+    T = tensors[0].shape[0]
+    return type(tensors)(t[RANK * T // WORLD:(RANK + 1) * T // WORLD] for t in tensors)
+
+
+def all_reduce_mean(tensors, tasks):
+    """Each rank's means over its `tasks` tasks become, in place, the means over every rank's tasks:
+    Σ_r tasks_r · mean_r / Σ_r tasks_r, in one all_reduce (float64, then back). A no-op in one process."""
+    if WORLD == 1:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() * tasks for t in tensors]
+                     + [torch.tensor([float(tasks)], dtype=torch.float64, device=tensors[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_((flat[offset:offset + t.numel()] / flat[-1]).view_as(t))
+        offset += t.numel()
+

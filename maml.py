@@ -21,33 +21,22 @@ Symbols, named the same in every script of this project:
     Q   query            query examples per class for the meta-update (D'_i)
     T   meta_batch_size  tasks per meta-update
 
-Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes)
+Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes; --help lists every flag)
         python maml.py --env navigation2d   (meta-RL, Alg. 3; see rl.py)
-        python maml.py --help     (every flag with its paper symbol and value)
 """
 
 import argparse
-import ctypes
-import glob
-import importlib.util
-import json
 import math
 import os
-import random
-import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
+import rl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,8 +49,7 @@ PAPER_SETTINGS = {
     # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
     "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
                      meta_batch_size=25, outer_lr=1e-3, iterations=70000),
-    # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, evaluated with 3 steps; 60k iterations.
-    # The reference code uses K query examples per class (D'_i as large as D_i).
+    # A.1: 5-way: 1 step, α = 0.4, meta-batch 32, 3 steps at test, 60k iterations; Q = K (the reference code)
     "omniglot-5way": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch_size=32,
                           outer_lr=1e-3, iterations=60000),
     # A.1: 20-way: 5 steps, α = 0.1, meta-batch 16, evaluated with 5 steps
@@ -72,20 +60,6 @@ PAPER_SETTINGS = {
     "miniimagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, query=15,
                          outer_lr=1e-3, iterations=60000, clip_grad=10.0),
 }
-
-
-def paper_settings(dataset, ways, shots):
-    """The settings above for a dataset, with the batching of CHUNKS (speed only, below)."""
-    if dataset == "omniglot":
-        key = "omniglot-20way" if ways >= 20 else "omniglot-5way"
-    else:
-        key = dataset if dataset == "sinusoid" else "miniimagenet"   # also the default for an image folder
-    s = {**PAPER_SETTINGS[key], **CHUNKS[key]}
-    if dataset == "omniglot":
-        s["query"] = shots
-    elif dataset != "sinusoid":
-        s["meta_batch_size"] = 4 if shots == 1 else 2
-    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,12 +113,10 @@ def batch_norm(h, weight, bias, eps=1e-5):
 
 
 def conv_body(params, x, max_pool, activations=None):
-    """The four conv blocks: x (T, B, C, H, W) -> features (T, B, D). The T tasks sit side by
-    side as channel groups of one grouped convolution. When a list is given as `activations`,
-    each block's output (T, B, C, H, W) is appended to it (anil.py's CCA/CKA).
-
-    Omniglot (max_pool=False): 64 filters, stride-2 convs, then the global average -> 64-d.
-    MiniImageNet (max_pool=True): 32 filters, stride 1 and 2x2 max-pool, flattened -> 800-d."""
+    """The four conv blocks: x (T, B, C, H, W) -> features (T, B, D), the T tasks side by side as the
+    channel groups of one grouped convolution. Omniglot (max_pool=False): 64 filters, stride-2 convs,
+    the global average -> 64-d. MiniImageNet: 32 filters, 2x2 max-pools, flattened -> 800-d.
+    A list given as `activations` collects each block's output (T, B, C, H, W) (anil.py's CCA/CKA)."""
     T, B = x.shape[:2]
     h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
     for i in range(1, 5):
@@ -207,9 +179,8 @@ def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
 
 
 def meta_loss(params, problem, batch, cfg, adapt=adapt):
-    """Σ_i L_Ti(f_θ'_i) on the query sets D'_i (Alg. 2 line 10), averaged over the T tasks as
-    the reference code does. Returns the loss and the per-task query metric. anil.py passes
-    its own inner loop as `adapt`; everything else is shared."""
+    """Σ_i L_Ti(f_θ'_i) on the query sets D'_i (Alg. 2 line 10), averaged over the T tasks as the
+    reference code does, and the per-task query metric. anil.py passes its inner loop as `adapt`."""
     x_s, y_s, x_q, y_q = batch
     fast = adapt(per_task(params, x_s.shape[0]), problem.forward, problem.loss, x_s, y_s,
                  cfg.inner_steps, cfg.inner_lr, cfg.first_order)
@@ -218,10 +189,9 @@ def meta_loss(params, problem, batch, cfg, adapt=adapt):
 
 
 def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
-    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. The meta-batch is processed
-    `task_chunk` tasks at a time, each chunk's graph freed by its own backward pass; the
-    accumulated gradient is the same for any chunk size. A non-finite loss is refused before
-    it can touch θ."""
+    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. `task_chunk` tasks at a time, each
+    chunk's graph freed by its own backward pass (the same gradient for any chunk size). A
+    non-finite loss is refused before it can touch θ."""
     tasks = batch[0].shape[0]
     chunk = cfg.task_chunk or tasks
     optimizer.zero_grad(set_to_none=True)
@@ -230,16 +200,18 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
         part = tuple(b[start:start + chunk] for b in batch)
         loss, metric = meta_loss(params, problem, part, cfg, adapt)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the meta-loss is {loss.item()}")
+            raise data.NonFiniteLoss(f"the meta-loss is {loss.item()}")
         weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
         (loss * weight).backward()
         total += loss.item() * weight
         metrics.append(metric)
+    stats = torch.tensor([total, torch.cat(metrics).mean().item()], dtype=torch.float64, device=batch[0].device)
+    data.all_reduce_mean([p.grad for p in params.values()] + [stats], tasks)   # torchrun: all ranks' tasks
     if getattr(cfg, "clip_grad", None):         # the reference code's MiniImageNet setting
         for p in params.values():
             p.grad.clamp_(-cfg.clip_grad, cfg.clip_grad)
     optimizer.step()
-    return total, torch.cat(metrics).mean().item()
+    return stats[0].item(), stats[1].item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +233,7 @@ def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="tr
 
 def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
     """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
-    batches = task_batches(problem, split, tasks, cfg.eval_chunk, seed)
+    batches = data.task_batches(problem, split, tasks, cfg.eval_chunk, seed)
     return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
 
 
@@ -287,29 +259,8 @@ def predict(fast, forward, x_s, x_q, bn_mode):
 def adapt_policy(params, episodes, inner_lr, first_order):
     """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
     (the mean network and log σ), on the K trajectories D_i with their advantages."""
-    import rl
     return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
                  1, inner_lr, first_order)
-
-
-def task_batches(problem, split, tasks, batch_size, seed, **kw):
-    """A fixed, seeded set of `tasks` tasks in batches of `batch_size`. Tasks are drawn one at a
-    time, so the set is the same for every model and every batch size."""
-    g = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < tasks:
-        n = min(batch_size, tasks - done)
-        drawn = [problem.sample(split, 1, g, **kw) for _ in range(n)]
-        yield tuple(torch.cat(parts) for parts in zip(*drawn))
-        done += n
-
-
-def mean_ci(values):
-    """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), 0.0
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def pretrain_step(params, optimizer, problem, batch):
@@ -319,7 +270,7 @@ def pretrain_step(params, optimizer, problem, batch):
     x, y = torch.cat([x_s, x_q], 1), torch.cat([y_s, y_q], 1)
     loss = problem.loss(problem.forward(per_task(params, x.shape[0]), x), y).mean()
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the pretraining loss is {loss.item()}")
+        raise data.NonFiniteLoss(f"the pretraining loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -342,7 +293,7 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
     results = {}
     for K in SINUSOID_EVAL_SHOTS:
         def tasks(split, n, seed):
-            return task_batches(problem, split, n, cfg.eval_chunk, seed, shots=K, query=SINUSOID_EVAL_POINTS)
+            return data.task_batches(problem, split, n, cfg.eval_chunk, seed, shots=K, query=SINUSOID_EVAL_POINTS)
         entry = {"maml": adaptation_curve(maml_params, problem, tasks("test", cfg.test_tasks, cfg.seed + 2),
                                           cfg.inner_lr, cfg.eval_steps)}
         if pretrained_params is not None:
@@ -369,8 +320,18 @@ CHUNKS = {"sinusoid": dict(task_chunk=25, eval_chunk=100), "omniglot-5way": dict
 QUICK_SINUSOID_ITERATIONS = 30000
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or inf loss: training stops before it touches θ, and the last checkpoint is kept."""
+def paper_settings(dataset, ways, shots):
+    """The settings above for a dataset, with the batching of CHUNKS (speed only, below)."""
+    if dataset == "omniglot":
+        key = "omniglot-20way" if ways >= 20 else "omniglot-5way"
+    else:
+        key = dataset if dataset == "sinusoid" else "miniimagenet"   # also the default for an image folder
+    s = {**PAPER_SETTINGS[key], **CHUNKS[key]}
+    if dataset == "omniglot":
+        s["query"] = shots
+    elif dataset != "sinusoid":
+        s["meta_batch_size"] = 4 if shots == 1 else 2
+    return s
 
 
 def conv_feature_dim(image_size, hidden, max_pool):
@@ -380,29 +341,13 @@ def conv_feature_dim(image_size, hidden, max_pool):
     return hidden * size * size if max_pool else hidden
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows a flag's default only when it has one; unset flags take the paper's value."""
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "%(default)" in action.help:                  # `is`: a default of 0 is shown
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="MAML and first-order MAML (Finn et al. 2017). Flags left unset take the "
                     "paper's value for the chosen dataset (Appendix A.1, §5.1).",
-        allow_abbrev=False, formatter_class=HelpFormatter)
+        allow_abbrev=False, formatter_class=data.HelpFormatter)
     a = p.add_argument
-    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
-      help="task distribution: sinusoid (§5.1), omniglot / miniimagenet (§5.2), or an image folder")
-    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
-      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
-    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
-    a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
-      "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
-    a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")
+    data.add_dataset_flags(p, "sinusoid (§5.1), omniglot / miniimagenet (§5.2)")
     a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
     a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
     a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
@@ -432,20 +377,7 @@ def build_parser():
     a("--bn-mode", choices=["transductive", "nontransductive"], default="transductive",
       help="BatchNorm statistics at test time: of the whole query batch, as the reference code does "
       "(transductive), or of the support set plus one query at a time (Reptile §6.1)")
-    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
-    a("--rotate-tasks", action="store_true", help="Omniglot as cbfinn/maml: no rotated classes; each class of "
-      "every task, in training and test, is turned by its own random multiple of 90°")
-    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
-    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
-    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
-    a("--seed", type=int, default=0, help="seeds the initialization and the task stream")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    a("--out", default=None, help="write the config and final metrics to this JSON file")
-    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
-      "only --iterations, --inner-lr, --outer-lr and the evaluation flags may differ from it")
-    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
-    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    data.add_session_flags(p, "--iterations, --inner-lr, --outer-lr")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure (maml.py: the sinusoid "
       "of Fig. 2 or the adaptation curve; anil.py: the --similarity bars); needs matplotlib")
     a("--env", default=None, help="meta-RL instead (Alg. 3, §5.3): navigation2d, halfcheetah-dir, halfcheetah-vel, "
@@ -455,7 +387,7 @@ def build_parser():
 
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
-    check_session_flags(cfg)
+    data.check_session_flags(cfg)
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
         raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
@@ -476,132 +408,6 @@ def finalize_config(cfg):
     return cfg
 
 
-def check_session_flags(cfg):
-    """The checks every entry point shares (maml.py, anil.py, nil.py, reptile.py, rl.py), before any
-    data is loaded: flags that go together, matplotlib for --plot, the device, then the numbers, the
-    dataset's own flags and the output paths below."""
-    if getattr(cfg, "predict", None) or getattr(cfg, "support", None):
-        if not (cfg.predict and cfg.support and cfg.load):
-            raise SystemExit("error: --predict IMAGES needs --support DIR and --load CHECKPOINT")
-        if cfg.dataset == "sinusoid":
-            raise SystemExit(f"error: --predict classifies images; {cfg.load} is a sinusoid regressor")
-        cfg.eval_only = True
-    if cfg.eval_only and not cfg.load:
-        raise SystemExit("error: --eval-only needs --load CHECKPOINT")
-    if cfg.load and not cfg.eval_only:
-        raise SystemExit("error: --load is for --eval-only; use --resume CHECKPOINT to continue training")
-    if cfg.load and cfg.resume:
-        raise SystemExit("error: give either --resume (continue training) or --load (with --eval-only)")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("error: --plot needs matplotlib, which is optional: pip install matplotlib")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {cfg.device}: this code runs on cpu or cuda (cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
-    check_numbers(cfg)
-    refuse_unused(cfg)
-    check_output_paths(cfg)
-
-
-# flag: (its default, the datasets where it means something); given elsewhere, it is refused, not ignored
-DATASET_FLAGS = {"sinusoid_variant": ("maml", {"sinusoid"}), "no_baseline": (False, {"sinusoid"}),
-                 "full": (False, {"sinusoid"}), "rotate_eval": (False, {"omniglot"}),
-                 "rotate_tasks": (False, {"omniglot"}), "image_size": (84, {"folder"}), "channels": (3, {"folder"}),
-                 "data_dir": (None, {"omniglot", "miniimagenet", "folder"}),
-                 "test_dir": (None, {"omniglot", "miniimagenet", "folder"})}
-
-
-def refuse_unused(cfg):
-    for k, (default, datasets) in DATASET_FLAGS.items():
-        if hasattr(cfg, "dataset") and getattr(cfg, k, default) != default and cfg.dataset not in datasets:
-            raise SystemExit(f"error: --{k.replace('_', '-')} is for --dataset {' or '.join(sorted(datasets))}, "
-                             f"not {cfg.dataset}")
-
-
-STEP_SIZES = ("inner_lr", "outer_lr", "meta_step_size", "max_kl", "clip_grad")
-
-
-def check_numbers(cfg):
-    """Numbers that argparse accepts but no run can use: NaN or inf anywhere, a step size that is not
-    positive, a seed outside numpy's range, an image too small for four 2×2 max-pools."""
-    for k, v in vars(cfg).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise SystemExit(f"error: {flag} {v}: not a finite number")
-        if k in STEP_SIZES and v is not None and v <= 0:
-            raise SystemExit(f"error: {flag} {v}: a step size must be positive")
-        if k in ("seed", "split_seed") and not 0 <= v < 2 ** 32:
-            raise SystemExit(f"error: {flag} {v}: seeds lie in [0, 2^32)")
-    if getattr(cfg, "image_size", 16) < 16:
-        raise SystemExit(f"error: --image-size {cfg.image_size}: the network's four 2×2 max-pools need at least 16")
-
-
-def check_output_paths(cfg):
-    """--out, --save and --plot are checked before any data is loaded or any step is trained, so that
-    a typo in a folder name cannot cost a finished run. A missing folder is created, as for --save."""
-    plot = None if cfg.plot == "auto" else cfg.plot
-    for flag, path in (("--out", cfg.out), ("--save", cfg.save), ("--plot", plot)):
-        if not path:
-            continue
-        if os.path.isdir(path):
-            raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            blocker = next((p for p in [folder, *Path(folder).parents] if os.path.isfile(p)), None)
-            why = f"{blocker} is a file" if blocker else e.strerror
-            raise SystemExit(f"error: {flag} {path}: cannot create the folder {folder} ({why})") from None
-        if not os.access(folder, os.W_OK):
-            raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable")
-    for orphan in glob.glob(glob.escape(os.path.abspath(cfg.save)) + ".*.tmp") if cfg.save else []:
-        os.remove(orphan)       # a save that a kill -9 interrupted (save_checkpoint names them so)
-
-
-def write_results(path, results):
-    """The --out JSON, written before any figure. If it still cannot be written (disk full, folder
-    removed), the results go to a file in the temporary folder and the run exits non-zero, saying where."""
-    if path:
-        try:
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1, default=str)
-        except OSError as e:
-            fd, spare = tempfile.mkstemp(prefix="results-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(results, f, indent=1, default=str)
-            raise SystemExit(f"error: could not write --out {path} ({e.strerror}); "
-                             f"the results are in {spare}") from None
-        print(f"wrote {path}")
-    if not all_finite(results.get("test")):
-        raise SystemExit("error: the test result is not finite (NaN or inf): the model diverged"
-                         + (f"; the numbers are in {path}" if path else ""))
-    return results
-
-
-def all_finite(x):
-    if isinstance(x, dict):
-        return all(all_finite(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return all(all_finite(v) for v in x)
-    return not isinstance(x, float) or math.isfinite(x)
-
-
-@dataclass
-class Problem:
-    """What the algorithm needs to know about a task distribution."""
-    params: dict                     # θ at initialization
-    forward: Callable                # forward(params with leading T, x (T, B, ...)) -> (T, B, outputs)
-    loss: Callable                   # loss(out, y) -> (T,)
-    metric: Callable                 # what evaluation reports per task: accuracy or MSE
-    metric_name: str
-    sample: Callable                 # sample(split, tasks, generator) -> x_s, y_s, x_q, y_q
-    has_val: bool = True             # False when the val split has fewer classes than ways
-
-
 def make_problem(cfg, device, splits=None):
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset == "sinusoid":
@@ -609,7 +415,7 @@ def make_problem(cfg, device, splits=None):
             b = data.sinusoid_tasks(tasks, shots or cfg.shots, query or cfg.query, generator,
                                     cfg.sinusoid_variant, device)
             return b["x_support"], b["y_support"], b["x_query"], b["y_query"]
-        return Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
+        return data.Problem(init_mlp([1, 40, 40, 1], g), mlp_forward, mse_per_task, mse_per_task, "mse", sample)
 
     samplers = {}
     for name, split in splits.items():
@@ -620,7 +426,7 @@ def make_problem(cfg, device, splits=None):
             continue
         samplers[name] = data.EpisodeSampler(split, cfg.ways, cfg.shots, cfg.query, device, name,
                                              cfg.rotate_tasks)
-    size, channels, _ = image_format(cfg)
+    size, channels, _ = data.image_format(cfg)
     max_pool = cfg.dataset != "omniglot"
     hidden = 64 if cfg.dataset == "omniglot" else 32
     params = init_convnet(channels, hidden, cfg.ways, conv_feature_dim(size, hidden, max_pool), g)
@@ -630,8 +436,23 @@ def make_problem(cfg, device, splits=None):
 
     def sample(split, tasks, generator):
         return samplers[split].sample(tasks, generator)
-    return Problem(params, forward, cross_entropy_per_task, accuracy_per_task, "acc", sample,
-                   has_val="val" in samplers)
+    return data.Problem(params, forward, cross_entropy_per_task, accuracy_per_task, "acc", sample,
+                        has_val="val" in samplers, splits=splits)
+
+
+def setup(cfg, saved):
+    """Print the config, seed, load the data and build the problem. The starting state is the
+    checkpoint, if its parameters fit this model, or θ at initialization. anil.py and nil.py start so too."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    data.seed_everything(cfg.seed)
+    try:
+        problem = make_problem(cfg, torch.device(cfg.device), data.load_splits(cfg))
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not saved:
+        return problem, {"params": problem.params, "iteration": 0}
+    data.check_fit(saved, problem.params, cfg)
+    return problem, saved
 
 
 def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
@@ -643,197 +464,12 @@ def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
         return predict(fast, problem.forward, x_s, x_q, cfg.bn_mode).softmax(-1)
 
 
-def run_predict(cfg, classify, any_ways=False):
-    """Few-shot prediction on a user's images: read --support and --predict (data.py), classify, print
-    one line per image (path, class, probability) and, where the folders name the classes, the accuracy.
-    any_ways: NIL, which has no head, takes any number of support classes."""
-    try:
-        sets = data.load_prediction_sets(cfg.support, cfg.predict, *image_format(cfg))
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not any_ways and len(sets.classes) != cfg.ways:
-        raise SystemExit(f"error: --support {cfg.support} has {len(sets.classes)} classes, but the model's head "
-                         f"has {cfg.ways} (its --ways): give {cfg.ways} class folders")
-    device = torch.device(cfg.device)
-    x_s, x_q = (x[None].float().div_(255.0).to(device) for x in (sets.x_support, sets.x_query))
-    probs = classify(x_s, sets.y_support[None].to(device), x_q)[0].cpu()       # (M, N)
-    confidence, label = probs.max(-1)
-    rows = [{"image": p, "class": sets.classes[c], "probability": round(float(q), 4)}
-            for p, c, q in zip(sets.query_paths, label.tolist(), confidence.tolist())]
-    print(f"{len(sets.y_support)} support images of {len(sets.classes)} classes; image, class, probability:")
-    for r in rows:
-        print(f"{r['image']}\t{r['class']}\t{r['probability']:.4f}")
-    results = {"config": vars(cfg), "classes": sets.classes, "predictions": rows}
-    if sets.y_query is not None:
-        results["accuracy"] = float((label == sets.y_query).float().mean())
-        print(f"accuracy on the {len(rows)} images, whose folders name their class: {results['accuracy']:.4f}")
-    if cfg.out and cfg.out.endswith(".csv"):
-        data.write_predictions_csv(cfg.out, rows)
-        print(f"wrote {cfg.out}")
-        return results
-    return write_results(cfg.out, results)
-
-
-def image_format(cfg):
-    """(size, channels, invert) of the network's input, from the config alone: Omniglot is 28x28 grey
-    with ink = 1, MiniImageNet 84x84 RGB, a folder as --image-size and --channels say."""
-    if cfg.dataset == "omniglot":
-        return 28, 1, True
-    if cfg.dataset == "miniimagenet":
-        return 84, 3, False
-    return cfg.image_size, cfg.channels, False
-
-
-def load_splits(cfg):
-    if cfg.dataset == "sinusoid" or cfg.predict:
-        return {}
-    if cfg.test_dir and cfg.eval_only:         # the checkpoint fixes the format: no training data needed
-        splits = {"test": data.load_image_folder_classes(cfg.test_dir, *image_format(cfg))}
-    elif cfg.dataset == "omniglot":
-        splits = data.load_omniglot(cfg.data_dir, cfg.split_seed, cfg.rotate_eval,
-                                    rotated_classes=not cfg.rotate_tasks)
-    elif cfg.dataset == "miniimagenet":
-        splits = data.load_miniimagenet(cfg.data_dir)
-    else:
-        splits = data.load_image_folder(cfg.data_dir, cfg.split_seed, cfg.image_size, cfg.channels)
-    if cfg.test_dir and not cfg.eval_only:
-        splits["test"] = data.load_image_folder_classes(cfg.test_dir, *image_format(cfg))
-    if cfg.test_dir and splits["test"].num_classes < 2 * cfg.ways:
-        print(f"note: --test-dir has {splits['test'].num_classes} classes, fewer than 2 × ways = {2 * cfg.ways}: "
-              f"its {cfg.test_tasks} tasks redraw the same classes, so they are not independent and the "
-              f"± understates the uncertainty")
-    return splits
-
-
-def save_checkpoint(path, state):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # named after the checkpoint, so that the next start can remove one that a kill -9 left behind
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)   # atomic: a crash leaves the previous checkpoint intact
-    except OSError as e:        # a full disk: the previous checkpoint is still there
-        os.unlink(tmp)
-        raise SystemExit(f"error: could not write the checkpoint {path} ({e.strerror}); "
-                         f"the previous one, if any, is intact") from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch's own message advises weights_only=False, which runs arbitrary code
-        raise SystemExit(f"error: checkpoint {path} is corrupt or not a torch file ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not {"params", "config", "iteration"} <= set(state):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project "
-                         f"(expected a dict with params, config, iteration)")
-    if state.get("format", 1) > CHECKPOINT_FORMAT:
-        raise SystemExit(f"error: {path} was written by a newer version of this code (format {state['format']})")
-    return state
-
-
-CHECKPOINT_FORMAT = 1   # every checkpoint records it, and the script that wrote it ("algorithm")
-
-
-def checkpoint_algorithm(saved):
-    """The script that wrote a checkpoint. Older Reptile checkpoints lack the entry but carry an inner_state."""
-    return saved.get("algorithm") or ("reptile" if "inner_state" in saved else "maml")
-
-
-def refuse_foreign(saved, source, accepted):
-    """Refuse, before anything is trained or written, a checkpoint that another script wrote."""
-    kind = checkpoint_algorithm(saved)
-    if kind not in accepted:
-        raise SystemExit(f"error: {source} was written by {kind}.py; this takes "
-                         f"{' or '.join(f'{a}.py' for a in sorted(accepted))} checkpoints (use {kind}.py with it)")
-
-
-# Flags about this invocation, always taken from the command line.
-SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "predict", "support"}
-# Flags that may differ from the checkpoint's when given again: the evaluation, the length, and the
-# step sizes, so that a run that diverged can resume from its last good checkpoint with smaller ones.
-OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
-                     "eval_steps", "val_tasks", "inner_lr", "outer_lr"}
-
-
-def merge_checkpoint_config(cfg, saved, given, session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS):
-    """The checkpoint's config, with this invocation's flags. A training flag given on the command
-    line that contradicts the checkpoint is an error, not silently ignored."""
-    merged = argparse.Namespace(**saved)
-    for k, v in vars(cfg).items():
-        if k in session_flags or (k in overridable and k in given) or k not in saved:
-            setattr(merged, k, v)
-        elif k in given and saved[k] != v:
-            raise SystemExit(f"error: --{k.replace('_', '-')} {v} contradicts the checkpoint's {saved[k]}")
-    return merged
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def keep_freed_memory():
-    """Speed only: glibc otherwise unmaps large freed tensors at once, and every iteration
-    page-faults them back in. Returns whether the setting took (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                  # from glibc's <malloc.h>
-    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM during training: the current iteration ends, a checkpoint is saved (with
-    --save) and the run stops with one line. A second Ctrl-C stops at once. Used as `with`."""
-
-    def __enter__(self):
-        self.asked, self.previous = False, {}
-        try:
-            self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:      # not the main thread: signals stay as they are
-            pass
-        return self
-
-    def ask(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def check(self, done, save, bar, checkpoint):
-        """At the end of an iteration."""
-        if not self.asked:
-            return
-        bar.close()
-        state = checkpoint(done) if save else None
-        if state and all(torch.isfinite(v).all() for v in state["params"].values()):
-            save_checkpoint(save, state)
-            raise SystemExit(f"stopped at iteration {done}: the checkpoint is {save} (go on with --resume {save})")
-        raise SystemExit(f"stopped at iteration {done}: nothing saved" + (" (no --save)" if not save else ""))
-
-
-class NoStop:
-    def check(self, *args):
-        pass
-
-
-def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=NoStop()):
+def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
     and nil.py train with this loop and ANIL's inner loop as `adapt`."""
+    if state["iteration"] >= cfg.iterations:
+        print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
+        return state
     device = torch.device(cfg.device)
     params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
@@ -858,7 +494,7 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=NoStop()):
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
     def checkpoint(iteration):
-        out = {"algorithm": algorithm, "format": CHECKPOINT_FORMAT,
+        out = {"algorithm": algorithm, "format": data.CHECKPOINT_FORMAT,
                "params": {k: v.detach().cpu() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
                "config": vars(cfg), "iteration": iteration,
                "rng": {"tasks": task_gen.get_state()}, "history": history, "running": running}
@@ -871,16 +507,16 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=NoStop()):
     from tqdm import tqdm
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{algorithm} meta-train",
-               dynamic_ncols=True, mininterval=0.5)
+               dynamic_ncols=True, mininterval=0.5, disable=data.RANK != 0)
     started = time.time()
     for it in bar:
         # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
-        batch = problem.sample("train", cfg.meta_batch_size, task_gen)
+        batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
         try:
             loss, metric = meta_step(params, optimizer, problem, batch, cfg, adapt)
             if baseline:
                 pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
-        except NonFiniteLoss as e:
+        except data.NonFiniteLoss as e:
             bar.close()
             kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
             raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
@@ -889,37 +525,21 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=NoStop()):
                                                           0.98 * running[1] + 0.02 * metric)
         bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
         done = it + 1
-        if done % cfg.val_every == 0 or done == cfg.iterations:
+        if (done % cfg.val_every == 0 or done == cfg.iterations) and data.RANK == 0:
             curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, adapt) if problem.has_val else None
             line = {"iteration": done, "train_loss": round(running[0], 5),
                     f"train_{problem.metric_name}": round(running[1], 5)}
             if curve is not None:
                 line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
             line["elapsed_s"] = round(time.time() - started, 1)
-            stop_unless_finite(params, line, cfg.save, bar)
+            data.stop_unless_finite(params, line, cfg.save, bar)
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
-                save_checkpoint(cfg.save, checkpoint(done))
+                data.save_checkpoint(cfg.save, checkpoint(done))
         stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     return checkpoint(cfg.iterations)
-
-
-def stop_unless_finite(params, line, save, bar):
-    """A checkpoint is written only when θ and the validation numbers are finite; otherwise training
-    stops here and the file on disk stays the last good one."""
-    if all(torch.isfinite(v).all() for v in params.values()) and \
-            all(math.isfinite(v) for v in line.values() if isinstance(v, float)):
-        return
-    bar.close()
-    kept = f"; the last good checkpoint is {save}" if save and os.path.exists(save) else ""
-    raise SystemExit(f"error: non-finite parameters or validation at iteration {line['iteration']}: training "
-                     f"stopped (resume with a smaller step size){kept}")
-
-
-def format_curve(curve):
-    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
 
 
 def print_sinusoid_table(results, eval_steps):
@@ -930,7 +550,7 @@ def print_sinusoid_table(results, eval_steps):
     for K, entry in results.items():
         for name in ("maml", "pretrained"):
             if name in entry:
-                cells = " ".join(f"{m:7.3f} ± {c:5.3f}" for m, c in (mean_ci(entry[name][s]) for s in steps))
+                cells = " ".join(f"{m:7.3f} ± {c:5.3f}" for m, c in (data.mean_ci(entry[name][s]) for s in steps))
                 print(f"{K:>3} {name:<11} {cells}   {paper.get((name, K), '')}")
     if "pretrained_lr" in next(iter(results.values())):
         print("pretrained fine-tuning α (tuned on validation tasks): "
@@ -975,91 +595,27 @@ def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained
     print(f"saved {path}")
 
 
-def plot_curve(path, curve, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    stats = [mean_ci(r) for r in curve]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3)
-    ax.set_xlabel("inner gradient steps at test time")
-    ax.set_ylabel("query accuracy")
-    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {'FO' if cfg.first_order else ''}MAML")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
-
-
-def main_rl(argv, adapt_policy, algorithm, prog):
-    """`--env NAME`: rl.py's command line, merged with a checkpoint as the supervised one is."""
-    import rl
-    parser = rl.build_parser(prog, algorithm)
-    args = parser.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    source = args.resume or args.load
-    saved = load_checkpoint(source) if source else None
-    if saved:
-        rl.check_checkpoint(saved, source, args.env, algorithm, args.resume)
-        args = merge_checkpoint_config(args, saved["config"], given, rl.SESSION_FLAGS, rl.OVERRIDABLE_FLAGS)
-    check_session_flags(args)
-    cfg = rl.finalize_config(args)
-    seed_everything(cfg.seed)
-    with StopRequest() as stop:
-        results = write_results(cfg.out, rl.run(cfg, saved, adapt_policy, algorithm, stop))
-    if cfg.plot:
-        rl.plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot,
-                        results["test"]["return_by_step"], cfg, algorithm)
-    return results
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    keep_freed_memory()
+    data.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
-        return main_rl(argv, adapt_policy, "maml", "maml.py")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # Flags whose value differs from the default count as given (for --resume / --load).
-    defaults = vars(parser.parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
-    source = args.resume or args.load
-    saved = load_checkpoint(source) if source else None
-    if saved and saved["config"].get("env"):
-        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
-    if saved:
-        refuse_foreign(saved, source, {"maml"})
-    cfg = merge_checkpoint_config(args, saved["config"], given) if saved else args
+        return rl.main(argv, adapt_policy, "maml", "maml.py")
+    cfg, saved, _ = data.parse_args(build_parser(), argv, "maml")
     cfg = finalize_config(cfg)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-    seed_everything(cfg.seed)
+    data.setup_distributed(cfg, "maml.py")
+    problem, state = setup(cfg, saved)
+    if not saved and cfg.dataset == "sinusoid" and not cfg.no_baseline:
+        state["baseline_params"] = init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(cfg.seed + 100))
     device = torch.device(cfg.device)
-    try:
-        splits = load_splits(cfg)
-        problem = make_problem(cfg, device, splits)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
-
-    if saved:
-        if set(saved["params"]) != set(problem.params) or any(
-                saved["params"][k].shape != problem.params[k].shape for k in problem.params):
-            raise SystemExit(f"error: the parameters in {source} do not fit this model "
-                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
-        state = saved
-    else:
-        state = {"params": problem.params, "iteration": 0}
-        if cfg.dataset == "sinusoid" and not cfg.no_baseline:
-            state["baseline_params"] = init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(cfg.seed + 100))
-
     if cfg.predict:
         params = {k: v.to(device) for k, v in state["params"].items()}
-        return run_predict(cfg, partial(classify, params, problem, cfg))
+        return data.run_predict(cfg, partial(classify, params, problem, cfg))
     started = time.time()
     if not cfg.eval_only:
-        if state["iteration"] >= cfg.iterations:
-            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        else:
-            with StopRequest() as stop:
-                state = train(cfg, problem, state, stop=stop)
+        with data.StopRequest() as stop:
+            state = train(cfg, problem, state, stop=stop)
+    if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
+        return None
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
     results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
@@ -1070,23 +626,24 @@ def main(argv=None):
         pretrained = {k: v.to(device) for k, v in pretrained.items()} if pretrained else None
         table = sinusoid_table(cfg, problem, params, pretrained)
         print_sinusoid_table(table, cfg.eval_steps)
-        results["test"] = {f"K={K}": {name: [mean_ci(r) for r in curve] for name, curve in entry.items()
+        results["test"] = {f"K={K}": {name: [data.mean_ci(r) for r in curve] for name, curve in entry.items()
                                       if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
                            for K, entry in table.items()}
     else:
         curve = evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg)
         print(f"\nmeta-test: {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, "
               f"{cfg.bn_mode} BatchNorm, accuracy ± 95% CI after k steps (α = {cfg.inner_lr}):")
-        print("  " + format_curve(curve))
-        m, c = mean_ci(curve[-1])
+        print("  " + data.format_curve(curve))
+        m, c = data.mean_ci(curve[-1])
         print(f"test_acc={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
-        results["test"] = {"accuracy_by_step": [mean_ci(r) for r in curve], "accuracy": m, "ci95": c}
-    write_results(cfg.out, results)
+        results["test"] = {"accuracy_by_step": [data.mean_ci(r) for r in curve], "accuracy": m, "ci95": c}
+    data.write_results(cfg.out, results)
     if cfg.plot and cfg.dataset == "sinusoid":
         plot_sinusoid("maml_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, params,
                       pretrained, table[5].get("pretrained_lr"))
     elif cfg.plot:
-        plot_curve("maml_curve.png" if cfg.plot == "auto" else cfg.plot, curve, cfg)
+        data.plot_curves("maml_curve.png" if cfg.plot == "auto" else cfg.plot, {"": (range(len(curve)), curve)},
+                         f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {'FO' if cfg.first_order else ''}MAML")
     return results
 
 

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import anil
+import data
 import maml
-from maml import mean_ci, per_task, predict, task_batches
+from data import mean_ci, task_batches
+from maml import per_task, predict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,40 +190,39 @@ def build_parser():
 
 
 def main(argv=None):
-    maml.keep_freed_memory()
+    data.keep_freed_memory()
     cfg, saved = anil.parse(build_parser(), argv, anil.ANALYSIS_FLAGS | NIL_FLAGS)
+    data.refuse_distributed("nil.py", "its baselines and head/body study run in one process; train the model "
+                            "with torchrun anil.py, then test it here with --eval-only --load")
     if cfg.dataset == "sinusoid":
         raise SystemExit("error: NIL classifies by cosine similarity to labelled support examples; "
                          "use --dataset omniglot, miniimagenet or folder")
     for name in ("pretrain_iterations", "pretrain_batch", "head_iterations"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    splits, problem, net, state = anil.setup(cfg, saved)
+    problem, net, state = anil.setup(cfg, saved)
     if cfg.predict:     # §5: no head and no inner loop, so a support set of any number of classes
         params = per_task({k: v.to(cfg.device) for k, v in state["params"].items()}, 1)
 
         def vote(x_s, y_s, x_q):
             with torch.no_grad():
                 return nil_predict(params, net, x_s, y_s, x_q, int(y_s.max()) + 1, cfg.bn_mode)
-        return maml.run_predict(cfg, vote, any_ways=True)
+        return data.run_predict(cfg, vote, any_ways=True)
     init = problem.params          # the seed's initialization (training works on a copy)
     # a maml.py checkpoint comes only with --eval-only: anil.parse lets --resume continue ANIL alone
     algorithm = saved.get("algorithm", "maml") if saved else "anil"
-    other = maml.load_checkpoint(cfg.maml_checkpoint) if cfg.maml_checkpoint else None   # checked before any run
+    other = data.load_checkpoint(cfg.maml_checkpoint) if cfg.maml_checkpoint else None   # checked before any run
     if other and algorithm != "anil":
         raise SystemExit(f"error: --maml-checkpoint compares an ANIL model with MAML, but {cfg.load} is "
                          f"itself a {algorithm}.py checkpoint")
-    if other and (maml.checkpoint_algorithm(other) != "maml" or set(other["params"]) != set(problem.params) or any(
+    if other and (data.checkpoint_algorithm(other) != "maml" or set(other["params"]) != set(problem.params) or any(
             other["params"][k].shape != v.shape for k, v in problem.params.items())):
         raise SystemExit(f"error: {cfg.maml_checkpoint} is not a maml.py checkpoint of this model "
                          f"(dataset {cfg.dataset}, ways {cfg.ways})")
     started = time.time()
     if not cfg.eval_only:
-        if state["iteration"] >= cfg.iterations:
-            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        else:
-            with maml.StopRequest() as stop:
-                state = maml.train(cfg, problem, state, anil.adapt, "anil", stop)
+        with data.StopRequest() as stop:
+            state = maml.train(cfg, problem, state, anil.adapt, "anil", stop)
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(cfg.device) for k, v in state["params"].items()}
@@ -253,8 +254,8 @@ def main(argv=None):
         results["test"]["anil_minus_maml"] = {"mean": am, "ci95": ac}
     print(f"test_acc={nm:.4f} ci95={nc:.4f} head_acc={hm:.4f} head_ci95={hc:.4f}")
     if cfg.head_body:
-        results["head_body"] = head_body_table(cfg, problem, net, splits, init, rows)
-    return maml.write_results(cfg.out, results)
+        results["head_body"] = head_body_table(cfg, problem, net, problem.splits, init, rows)
+    return data.write_results(cfg.out, results)
 
 
 if __name__ == "__main__":

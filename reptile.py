@@ -46,8 +46,9 @@ import torch
 
 import data
 import maml
-from maml import (NonFiniteLoss, Problem, init_mlp, load_checkpoint, load_splits, mean_ci, mlp_forward,
-                  mse_per_task, per_task, predict, save_checkpoint, seed_everything, task_batches)
+from data import (NonFiniteLoss, Problem, load_splits, mean_ci, save_checkpoint, seed_everything,
+                  task_batches)
+from maml import init_mlp, mlp_forward, mse_per_task, per_task, predict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +129,11 @@ def map_state(state, fn):
             "v": {k: fn(v) for k, v in state["v"].items()}}
 
 
+def state_tensors(state):
+    """The tensors of Adam's statistics, in a fixed order; none for the SGD inner loop."""
+    return [] if state is None else [*state["m"].values(), *state["v"].values()]
+
+
 def init_inner_state(params):
     """Adam's statistics for the inner loop, shaped like φ. The paper never resets them during
     training (§6.1) and keeps the step count running."""
@@ -198,12 +204,14 @@ def meta_step(params, state, problem, batch, cfg, schedule, epsilon):
         # §6.2 / Eq. (38): φ moved by the chosen updates only, e.g. FOMAML: φ + u_k = φ − α g_k
         scale = 1.0 / len(chosen) if cfg.combine == "mean" else 1.0
         target = {k: params[k] + scale * sum(updates[i][k] for i in chosen) for k in params}
-    # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
-    # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
-    new_params = {k: torch.lerp(params[k], target[k].mean(0), epsilon) for k in params}
     # The n tasks ran side by side from the same statistics; the reference code runs them one
     # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
-    return new_params, map_state(new_state, lambda v: v.mean(0)), loss, metric
+    mean_target, new_state = {k: target[k].mean(0) for k in params}, map_state(new_state, lambda v: v.mean(0))
+    data.all_reduce_mean(list(mean_target.values()) + state_tensors(new_state), x.shape[0])   # torchrun: all ranks
+    # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
+    # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
+    new_params = {k: torch.lerp(params[k], mean_target[k], epsilon) for k in params}
+    return new_params, new_state, loss, metric
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,13 +264,9 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Reptile and first-order MAML (Nichol et al. 2018). Flags left unset take the "
                     "paper's value for the chosen dataset (Appendix A, Tables 3-4; §4).",
-        allow_abbrev=False, formatter_class=maml.HelpFormatter)
+        allow_abbrev=False, formatter_class=data.HelpFormatter)
     a = p.add_argument
-    a("--dataset", choices=["sinusoid", "omniglot", "miniimagenet", "folder"], default="sinusoid",
-      help="task distribution: sinusoid (§4), omniglot / miniimagenet (§6.1), or an image folder")
-    a("--data-dir", default=None, help="dataset folder (omniglot default: ./data/omniglot, downloaded "
-      "if empty; miniimagenet default: ./data/miniimagenet; folder: required)")
-    a("--test-dir", default=None, help="meta-test on every class of this image folder instead of the test split")
+    data.add_dataset_flags(p, "sinusoid (§4), omniglot / miniimagenet (§6.1)")
     a("--ways", type=int, default=5, help="N, classes per task (paper: 5 or 20)")
     a("--shots", type=int, default=None, help="K, support examples per class at test time "
       "(paper: 1 or 5; sinusoid: 10 points)")
@@ -307,23 +311,7 @@ def build_parser():
     a("--bn-mode", choices=["transductive", "nontransductive", "both"], default="both",
       help="BatchNorm statistics at test time (§6.1): the whole query batch (transductive), the "
       "support set plus one query (nontransductive), or report both; validation uses transductive")
-    a("--rotate-eval", action="store_true", help="Omniglot: rotated copies of val/test characters are classes too")
-    a("--rotate-tasks", action="store_true", help="Omniglot as cbfinn/maml: no rotated classes; each class of "
-      "every task, in training and test, is turned by its own random multiple of 90°")
-    a("--split-seed", type=int, default=0, help="seed of the train/val/test class split")
-    a("--image-size", type=int, default=84, help="folder datasets: images are resized to this")
-    a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
-    a("--seed", type=int, default=0, help="seeds the initialization, the task stream and the mini-batches")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    a("--out", default=None, help="write the config and final metrics to this JSON file")
-    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
-      "only --inner-lr, --meta-step-size and the evaluation flags may differ from it")
-    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
-    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
-    a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
-      "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
-    a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")
+    data.add_session_flags(p, "--inner-lr, --meta-step-size")
     a("--plot", nargs="?", const="auto", default=None, help="save a figure: the sinusoid's Fig. 1 (random "
       "init, MAML and Reptile before and after adaptation; trains MAML too) or the adaptation curve; "
       "needs matplotlib")
@@ -351,7 +339,7 @@ def parse_combination(text, k):
 
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
-    maml.check_session_flags(cfg)
+    data.check_session_flags(cfg)
     if not 0 <= cfg.adam_beta1 < 1:
         raise SystemExit(f"error: --adam-beta1 {cfg.adam_beta1} must lie in [0, 1)")
     if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
@@ -437,12 +425,12 @@ def make_problems(cfg, device, splits):
 # K (shots) is one of them: meta-training sees --train-shots, whatever K is at test time, so one
 # model serves 1-shot and 5-shot tests (App. A uses the same training for both). --iterations is
 # not one of them: ε is annealed to 0 over it. The step sizes may change on --resume, so that a run
-# that diverged can go on from its last good checkpoint. maml.py merges the config, as for every script.
+# that diverged can go on from its last good checkpoint. data.parse_args merges the config, as for every script.
 OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "test_dir", "data_dir",
                      "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots", "inner_lr", "meta_step_size"}
 
 
-def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
+def train(cfg, problem, sample_train, state, stop=data.NoStop()):
     """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
@@ -464,7 +452,7 @@ def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
     from tqdm import tqdm
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="meta-train",
-               dynamic_ncols=True, mininterval=0.5)
+               dynamic_ncols=True, mininterval=0.5, disable=data.RANK != 0)
     started = time.time()
     for it in bar:
         # Alg. 1 line 3: sample n tasks, each with train_shots examples per class (+ a held-out tail)
@@ -472,6 +460,7 @@ def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
         n_train, n_tail = batch[0].shape[1], batch[2].shape[1]
         schedule = minibatch_schedule(cfg.meta_batch_size, n_train, n_tail, cfg.inner_batch,
                                       cfg.inner_steps, cfg.tail, cfg.replacement, batch_gen)
+        batch, schedule = data.rank_tasks(batch), data.rank_tasks(schedule)     # torchrun: this rank's tasks
         try:
             params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
                                                           epsilon_at(cfg, it))
@@ -486,7 +475,7 @@ def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
         bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}",
                          "eps": f"{epsilon_at(cfg, it):.3f}"}, refresh=False)
         done = it + 1
-        if done % cfg.val_every == 0 or done == cfg.iterations:
+        if (done % cfg.val_every == 0 or done == cfg.iterations) and data.RANK == 0:
             line = {"iteration": done, "train_loss": round(running[0], 5),
                     f"train_{problem.metric_name}": round(running[1], 5)}
             if problem.has_val:
@@ -494,7 +483,7 @@ def train(cfg, problem, sample_train, state, stop=maml.NoStop()):
                                  ["transductive"])["transductive"]
                 line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
             line["elapsed_s"] = round(time.time() - started, 1)
-            maml.stop_unless_finite(params, line, cfg.save, bar)
+            data.stop_unless_finite(params, line, cfg.save, bar)
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
@@ -557,41 +546,16 @@ def plot_sinusoid(path, cfg, problem, models):
     print(f"saved {path}")
 
 
-def plot_curve(path, curves, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, curve in curves.items():
-        stats = [mean_ci(r) for r in curve]
-        ax.errorbar(curve_steps(cfg.eval_steps, mode), [m for m, _ in stats], yerr=[c for _, c in stats],
-                    marker="o", capsize=3, label=mode)
-    ax.set_xlabel("inner steps at test time")
-    ax.set_ylabel("query accuracy")
-    ax.set_title(f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
-
-
 def main(argv=None):
-    maml.keep_freed_memory()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # Flags whose value differs from the default count as given (for --resume / --load).
-    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    source = args.resume or args.load
-    saved = load_checkpoint(source) if source else None
-    if saved:
-        maml.refuse_foreign(saved, source, {"reptile"})
-        # --iterations may change only for a test: ε is annealed to 0 over it
-        overridable = OVERRIDABLE_FLAGS | ({"iterations"} if args.eval_only else set())
-        args = maml.merge_checkpoint_config(args, saved["config"], given, maml.SESSION_FLAGS, overridable)
+    data.keep_freed_memory()
+    # --iterations may change only for a test: ε is annealed to 0 over it
+    args, saved, given = data.parse_args(build_parser(), argv, "reptile", overridable=OVERRIDABLE_FLAGS,
+                                         test_overridable={"iterations"})
     if "tail_shots" in given and args.dataset == "sinusoid":
         raise SystemExit("error: --tail-shots is for classification; the sinusoid's separate tail is its 50 "
                          "even points (§4)")
     cfg = finalize_config(args)
+    data.setup_distributed(cfg, "reptile.py")
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
@@ -602,10 +566,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
     if saved:
-        if set(saved["params"]) != set(problem.params) or any(
-                saved["params"][k].shape != problem.params[k].shape for k in problem.params):
-            raise SystemExit(f"error: the parameters in {source} do not fit this model "
-                             f"(dataset {cfg.dataset}, ways {cfg.ways})")
+        data.check_fit(saved, problem.params, cfg)
         state = saved
     else:
         adam = init_inner_state(problem.params) if cfg.inner_optimizer == "adam" else None
@@ -616,13 +577,15 @@ def main(argv=None):
         if state["iteration"] >= cfg.iterations:
             print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
         else:
-            with maml.StopRequest() as stop:
+            with data.StopRequest() as stop:
                 state = train(cfg, problem, sample_train, state, stop)
+    if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
+        return None
     train_seconds = time.time() - started
     params = {k: v.to(device) for k, v in state["params"].items()}
     inner_state = map_state(state["inner_state"], lambda v: v.to(device))
     if cfg.predict:
-        return maml.run_predict(cfg, partial(classify, params, inner_state, problem, cfg))
+        return data.run_predict(cfg, partial(classify, params, inner_state, problem, cfg))
     results = {"config": vars(cfg), "train_seconds": round(train_seconds, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
 
@@ -662,11 +625,13 @@ def main(argv=None):
             results["test"][mode] = {"steps": steps, "accuracy_by_step": [mean_ci(r) for r in curve],
                                      "accuracy": m, "ci95": c}
     results["eval_seconds"] = round(time.time() - started, 1)
-    maml.write_results(cfg.out, results)
+    data.write_results(cfg.out, results)
     if cfg.plot and cfg.dataset == "sinusoid":
         plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)
     elif cfg.plot:
-        plot_curve("reptile_curve.png" if cfg.plot == "auto" else cfg.plot, curves, cfg)
+        data.plot_curves("reptile_curve.png" if cfg.plot == "auto" else cfg.plot,
+                         {mode: (curve_steps(cfg.eval_steps, mode), c) for mode, c in curves.items()},
+                         f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
     return results
 
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -41,41 +40,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers of its own, so that this plumbing imports no algorithm file (maml.py has twins)
+# A small helper of its own, so that this plumbing imports no algorithm file (maml.py has a twin)
 # ---------------------------------------------------------------------------------------------
 
 def per_task(params, tasks):
     """θ seen by each of T tasks: (T, *shape) views, whose gradients flow back into θ."""
     return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
-
-
-def mean_ci(values):
-    """Mean and 95% confidence half-width 1.96·σ/√n over tasks."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), 0.0
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
-
-
-def save_checkpoint(path, state):
-    """Atomic: written to a temporary file beside `path`, then renamed over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # named after the checkpoint, so that the next start can remove one that a kill -9 left behind
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as e:        # a full disk: the previous checkpoint is still there
-        os.unlink(tmp)
-        raise SystemExit(f"error: could not write the checkpoint {path} ({e.strerror}); "
-                         f"the previous one, if any, is intact") from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,8 +759,8 @@ def train(cfg, state, test_adapt, algorithm, stop=None):
             history.append(line)
             bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
             if cfg.save:
-                save_checkpoint(cfg.save, checkpoint(done))
-        if stop:    # maml.StopRequest: Ctrl-C or SIGTERM asked to save and stop
+                data.save_checkpoint(cfg.save, checkpoint(done))
+        if stop:    # data.StopRequest: Ctrl-C or SIGTERM asked to save and stop
             stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     envs.close()
@@ -812,7 +786,7 @@ def check_checkpoint(saved, source, env, algorithm, resume):
 
 def run(cfg, saved, inner_adapt, algorithm, stop=None):
     """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
-    checkpoint (or None), the algorithm's inner loop and maml.StopRequest (Ctrl-C saves and stops)."""
+    checkpoint (or None), the algorithm's inner loop and data.StopRequest (Ctrl-C saves and stops)."""
     source = cfg.resume or cfg.load
     device = torch.device(cfg.device)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
@@ -849,11 +823,35 @@ def run(cfg, saved, inner_adapt, algorithm, stop=None):
     curve = adaptation_returns(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device,
                                cfg.eval_episodes)
     envs.close()
-    stats = [mean_ci(r) for r in curve]
+    stats = [data.mean_ci(r) for r in curve]
     print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.eval_episodes} episodes per step, "
           f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps (α = {cfg.inner_lr}, then α/2):")
     print("  " + "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(stats)))
     print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(stats)))
     results["test"] = {"return_by_step": stats}
     results["eval_seconds"] = round(time.time() - started - results["train_seconds"], 1)
+    return results
+
+
+def main(argv, adapt_policy, algorithm, prog):
+    """`python maml.py --env NAME` (or anil.py): the meta-RL command line, merged with a checkpoint as the
+    supervised one is, then run() with the script's inner loop."""
+    parser = build_parser(prog, algorithm)
+    args = parser.parse_args(argv)
+    data.refuse_distributed(prog + " --env", "TRPO's meta-step is a sequence of conjugate-gradient steps over the "
+                            "whole meta-batch; --vector async samples the environments in parallel processes")
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    source = args.resume or args.load
+    saved = data.load_checkpoint(source) if source else None
+    if saved:
+        check_checkpoint(saved, source, args.env, algorithm, args.resume)
+        args = data.merge_checkpoint_config(args, saved["config"], given, SESSION_FLAGS, OVERRIDABLE_FLAGS)
+    data.check_session_flags(args)
+    cfg = finalize_config(args)
+    data.seed_everything(cfg.seed)
+    with data.StopRequest() as stop:
+        results = data.write_results(cfg.out, run(cfg, saved, adapt_policy, algorithm, stop))
+    if cfg.plot:
+        plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot,
+                     results["test"]["return_by_step"], cfg, algorithm)
     return results

@@ -5,7 +5,7 @@ policy) and the step rate of rl.sample() with the Gaussian policy in the loop (i
 least 80% of the raw rate) and the rate of the policy's forward pass alone, which bounds that
 ratio; then the seconds per meta-iteration of MAML, first-order MAML and ANIL (sampling D_i and
 D'_i, the inner step, TRPO) at the paper's meta-batch, and the peak resident memory. glibc's
-malloc is set as the scripts set it (maml.keep_freed_memory()) unless --malloc-default.
+malloc is set as the scripts set it (data.keep_freed_memory()) unless --malloc-default.
 
     python tests/benchmark_rl.py                      # about 10 minutes on 2 CPU cores
     python tests/benchmark_rl.py --envs navigation2d --iterations 5
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anil
+import data
 import maml
 import rl
 
@@ -108,10 +109,10 @@ def main():
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-iteration (default: the paper's)")
     p.add_argument("--skip-meta", action="store_true", help="only the step rates")
     p.add_argument("--malloc-default", action="store_true",
-                   help="leave glibc's malloc settings alone (rl.py calls maml.keep_freed_memory())")
+                   help="leave glibc's malloc settings alone (rl.py calls data.keep_freed_memory())")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    kept = False if args.malloc_default else maml.keep_freed_memory()
+    kept = False if args.malloc_default else data.keep_freed_memory()
     print(f"torch={torch.__version__} threads={torch.get_num_threads()} num_envs={args.num_envs} "
           f"keep_freed_memory={kept}")
     results = {"threads": torch.get_num_threads(), "num_envs": args.num_envs, "keep_freed_memory": kept, "envs": {}}

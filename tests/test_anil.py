@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import anil
+import data
 import maml
 from conftest import ROOT
 
@@ -33,7 +34,7 @@ def scalar_net():
 
 
 def scalar_problem():
-    return maml.Problem(None, scalar_net(), maml.mse_per_task, maml.mse_per_task, "mse", None)
+    return data.Problem(None, scalar_net(), maml.mse_per_task, maml.mse_per_task, "mse", None)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -94,7 +95,7 @@ def conv_setup(max_pool, ways=3, size=28, hidden=8, tasks=2, dtype=torch.float64
     g = torch.Generator().manual_seed(0)
     dim = maml.conv_feature_dim(size, hidden, max_pool)
     params = {k: v.to(dtype) for k, v in maml.init_convnet(1, hidden, ways, dim, g).items()}
-    problem = maml.Problem(params, lambda p, x: maml.conv_forward(p, x, max_pool), maml.cross_entropy_per_task,
+    problem = data.Problem(params, lambda p, x: maml.conv_forward(p, x, max_pool), maml.cross_entropy_per_task,
                            maml.accuracy_per_task, "acc", None)
     net = anil.make_net(SimpleNamespace(dataset="omniglot" if not max_pool else "miniimagenet"), problem)
     x = torch.rand(tasks, ways * 2, 1, size, size, generator=g, dtype=dtype)
@@ -110,7 +111,7 @@ def test_body_then_head_is_maml_forward(max_pool, size):
     acts = net.layer_outputs(p, x)
     assert len(acts) == 5 and acts[3].shape[:3] == (x.shape[0], x.shape[1], 8)
     torch.testing.assert_close(acts[-1], net(p, x))
-    mlp = maml.Problem(maml.init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(0)), maml.mlp_forward,
+    mlp = data.Problem(maml.init_mlp([1, 40, 40, 1], torch.Generator().manual_seed(0)), maml.mlp_forward,
                        maml.mse_per_task, maml.mse_per_task, "mse", None)
     mnet = anil.make_net(SimpleNamespace(dataset="sinusoid"), mlp)
     xs = torch.randn(3, 5, 1)
@@ -146,9 +147,8 @@ def test_meta_gradient_matches_finite_differences():
     """∇θ of ANIL's query loss after two second-order head steps, against central differences."""
     dt = torch.float64
     params = {k: v.to(dt) for k, v in maml.init_mlp([1, 4, 4, 1], torch.Generator().manual_seed(0)).items()}
-    problem = maml.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+    problem = data.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
     problem.forward = anil.make_net(SimpleNamespace(dataset="sinusoid"), problem)
-    import data
     b = data.sinusoid_tasks(3, 5, 7, torch.Generator().manual_seed(0))
     batch = tuple(b[k].to(dt) for k in ("x_support", "y_support", "x_query", "y_query"))
     cfg = SimpleNamespace(inner_steps=2, inner_lr=0.05, first_order=False)
@@ -249,7 +249,7 @@ def test_freezing_nothing_is_maml_and_freezing_the_body_is_anil():
     params, problem, net = image_problem()
     cfg = SimpleNamespace(inner_lr=0.4, eval_steps=2, test_tasks=6, eval_chunk=4, seed=0, bn_mode="transductive",
                           ways=3, shots=1)
-    batches = maml.task_batches(problem, "test", 6, 4, 2)
+    batches = data.task_batches(problem, "test", 6, 4, 2)
     reference = maml.adaptation_curve(params, problem, batches, 0.4, 2)[-1]
     anil_curve = anil.evaluate(params, dataclasses.replace(problem, forward=net), "test", 6, 2, cfg)[-1]
     table = anil.freeze_table(cfg, problem, net, params)

@@ -208,7 +208,7 @@ def test_results_that_cannot_be_written_are_kept_elsewhere(tmp_path, capsys):
     gone.mkdir()
     gone.rmdir()                      # the folder vanished during the run
     with pytest.raises(SystemExit, match="could not write --out") as e:
-        maml.write_results(str(gone / "r.json"), {"test": [1.5]})
+        data.write_results(str(gone / "r.json"), {"test": [1.5]})
     spare = str(e.value).rsplit("the results are in ", 1)[1]
     assert json.loads(open(spare).read()) == {"test": [1.5]}
 
@@ -234,13 +234,13 @@ def test_every_script_refuses_a_checkpoint_another_script_wrote_and_leaves_it_in
 
 
 def test_a_newer_or_corrupt_checkpoint_is_refused_without_unsafe_advice(tmp_path):
-    state = {"params": {}, "config": {}, "iteration": 0, "format": maml.CHECKPOINT_FORMAT + 1}
+    state = {"params": {}, "config": {}, "iteration": 0, "format": data.CHECKPOINT_FORMAT + 1}
     torch.save(state, tmp_path / "new.pt")
     with pytest.raises(SystemExit, match="newer version"):
-        maml.load_checkpoint(str(tmp_path / "new.pt"))
+        data.load_checkpoint(str(tmp_path / "new.pt"))
     (tmp_path / "bad.pt").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(SystemExit, match="is corrupt") as e:
-        maml.load_checkpoint(str(tmp_path / "bad.pt"))
+        data.load_checkpoint(str(tmp_path / "bad.pt"))
     assert "weights_only" not in str(e.value)
 
 
@@ -307,7 +307,6 @@ def test_numbers_no_run_can_use_are_refused_one_message_each(script, argv, messa
 
 
 def test_checkpoint_temporaries_are_named_after_the_checkpoint_and_orphans_are_removed(tmp_path, monkeypatch):
-    import rl
     ckpt = tmp_path / "c.pt"
     orphan, other = tmp_path / "c.pt.x1y2.tmp", tmp_path / "d.pt.x1y2.tmp"    # left by a kill -9 during a save
     orphan.write_bytes(b"half")
@@ -317,7 +316,7 @@ def test_checkpoint_temporaries_are_named_after_the_checkpoint_and_orphans_are_r
     monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(str(f)), real_save(obj, f))[1])
     maml.main(["--iterations", "2", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1", "--no-baseline",
                "--save", str(ckpt)])
-    rl.save_checkpoint(str(ckpt), {"x": 1})
+    data.save_checkpoint(str(ckpt), {"x": 1})
     assert not orphan.exists() and other.exists() and ckpt.exists()
     assert written and all(os.path.basename(w).startswith("c.pt.") and w.endswith(".tmp") for w in written)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == ["d.pt.x1y2.tmp"]
@@ -370,14 +369,13 @@ def test_a_flag_this_dataset_does_not_use_is_refused_not_ignored(argv, message):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
-    import rl
     path = tmp_path / "c.pt"
-    maml.save_checkpoint(str(path), {"iteration": 1})
+    data.save_checkpoint(str(path), {"iteration": 1})
 
     def full(obj, f):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    for save in (maml.save_checkpoint, rl.save_checkpoint):
+    for save in (data.save_checkpoint,):      # rl.py saves with it too
         with pytest.raises(SystemExit, match="No space left on device.*the previous one, if any, is intact"):
             save(str(path), {"iteration": 2})
     monkeypatch.undo()
@@ -387,6 +385,6 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_non_finite_test_result_is_written_and_stops_with_a_non_zero_exit(tmp_path):
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit, match="test result is not finite.*numbers are in"):
-        maml.write_results(str(out), {"test": {"K=5": {"maml": [[0.5, 0.1], [float("nan"), 0.0]]}}})
+        data.write_results(str(out), {"test": {"K=5": {"maml": [[0.5, 0.1], [float("nan"), 0.0]]}}})
     assert "NaN" in out.read_text()
-    assert maml.write_results(None, {"test": {"accuracy": 0.5}, "history": [float("nan")]})   # only the test counts
+    assert data.write_results(None, {"test": {"accuracy": 0.5}, "history": [float("nan")]})   # only the test counts

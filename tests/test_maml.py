@@ -18,7 +18,7 @@ torch.set_default_dtype(torch.float32)
 
 def mlp_problem(sizes=(1, 4, 4, 1), seed=0, dtype=torch.float64):
     params = {k: v.to(dtype) for k, v in maml.init_mlp(list(sizes), torch.Generator().manual_seed(seed)).items()}
-    return maml.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+    return data.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
 
 
 def sinusoid_batch(tasks=3, shots=5, query=7, seed=0, dtype=torch.float64):
@@ -59,7 +59,7 @@ def linear_problem(dim, dtype=torch.float64):
     def forward(params, x):            # f(x) = x·w, with x (T, B, d), w (T, d, 1)
         return x @ params["w"]
     w = torch.randn(dim, 1, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    return maml.Problem({"w": w}, forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+    return data.Problem({"w": w}, forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
 
 
 def test_one_step_meta_gradient_closed_form():
@@ -121,7 +121,7 @@ def test_batched_tasks_equal_one_task_at_a_time(max_pool, size):
     """The grouped convolution runs T tasks side by side. Its outputs and its second-order
     meta-gradient must equal those of running each task alone and averaging."""
     params, forward = small_convnet(max_pool, size=size)
-    problem = maml.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    problem = data.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
     g = torch.Generator().manual_seed(1)
     T, N = 3, 3
     x_s = torch.rand(T, N * 2, 1, size, size, generator=g, dtype=torch.float64)
@@ -169,14 +169,14 @@ def test_evaluation_leaves_meta_parameters_untouched():
     problem = mlp_problem(dtype=torch.float32)
     before = {k: v.clone() for k, v in problem.params.items()}
     problem.sample = lambda split, n, g, shots=None, query=None: sinusoid_batch(n, 5, 5, dtype=torch.float32)
-    curve = maml.adaptation_curve(problem.params, problem, maml.task_batches(problem, "test", 8, 4, 0), 0.01, 3)
+    curve = maml.adaptation_curve(problem.params, problem, data.task_batches(problem, "test", 8, 4, 0), 0.01, 3)
     assert curve.shape == (4, 8)
     for k in before:
         assert torch.equal(before[k], problem.params[k])
 
 
 def test_mean_ci():
-    m, c = maml.mean_ci([1.0, 2.0, 3.0, 4.0])
+    m, c = data.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5
     assert c == pytest.approx(1.96 * 1.2909944487358056 / 2)
 
@@ -185,7 +185,7 @@ def test_task_chunk_and_eval_batch_change_nothing_but_speed():
     """meta_step over chunks of tasks accumulates the same gradient as the whole meta-batch at
     once, and evaluation sees the same tasks whatever its batch size."""
     params, forward = small_convnet(False, dtype=torch.float64)
-    problem = maml.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
+    problem = data.Problem(params, forward, maml.cross_entropy_per_task, maml.accuracy_per_task, "acc", None)
     g = torch.Generator().manual_seed(3)
     x_s = torch.rand(4, 6, 1, 28, 28, generator=g, dtype=torch.float64)
     x_q = torch.rand(4, 6, 1, 28, 28, generator=g, dtype=torch.float64)
@@ -205,8 +205,8 @@ def test_task_chunk_and_eval_batch_change_nothing_but_speed():
                                         list("abcdef"))
     sampler = data.EpisodeSampler(split, 3, 1, 1)
     problem.sample = lambda s, n, gen: sampler.sample(n, gen)
-    whole = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 7, seed=0)])
-    pieces = torch.cat([b[0] for b in maml.task_batches(problem, "test", 7, 3, seed=0)])
+    whole = torch.cat([b[0] for b in data.task_batches(problem, "test", 7, 7, seed=0)])
+    pieces = torch.cat([b[0] for b in data.task_batches(problem, "test", 7, 3, seed=0)])
     assert torch.equal(whole, pieces)
 
 
@@ -225,8 +225,8 @@ libc.mallinfo2.restype = MallInfo2
 took = None
 if sys.argv[1] == "keep":     # the control run imports nothing that could move glibc's thresholds
     sys.path.insert(0, {root!r})
-    import maml
-    took = maml.keep_freed_memory()
+    import data
+    took = data.keep_freed_memory()
 block = libc.malloc(16 << 20)          # a 16 MiB tensor's worth
 mapped = libc.mallinfo2().hblkhd       # bytes in blocks that malloc took by mmap
 libc.free(block)

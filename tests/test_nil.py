@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import anil
+import data
 import maml
 import nil
 from conftest import ROOT
@@ -19,7 +20,7 @@ from conftest import ROOT
 def conv_model(ways=4, hidden=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     params = maml.init_convnet(1, hidden, ways, maml.conv_feature_dim(28, hidden, False), g)
-    problem = maml.Problem(params, lambda p, x: maml.conv_forward(p, x, False), maml.cross_entropy_per_task,
+    problem = data.Problem(params, lambda p, x: maml.conv_forward(p, x, False), maml.cross_entropy_per_task,
                            maml.accuracy_per_task, "acc", None)
     return params, problem, anil.make_net(SimpleNamespace(dataset="omniglot"), problem)
 

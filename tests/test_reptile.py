@@ -30,7 +30,7 @@ def cfg_for(**kw):
 
 def mlp_problem(seed=0):
     params = {k: v.to(D) for k, v in maml.init_mlp([1, 8, 8, 1], torch.Generator().manual_seed(seed)).items()}
-    return maml.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
+    return data.Problem(params, maml.mlp_forward, maml.mse_per_task, maml.mse_per_task, "mse", None)
 
 
 def sinusoid(tasks, points, seed=0):
@@ -43,7 +43,7 @@ def conv_problem(ways=3, seed=0):
     params = maml.init_convnet(1, 6, ways, 6, g)
     params = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(D) if k.startswith("bn") else v.to(D)
               for k, v in params.items()}
-    return maml.Problem(params, lambda p, x: maml.conv_forward(p, x, False), maml.cross_entropy_per_task,
+    return data.Problem(params, lambda p, x: maml.conv_forward(p, x, False), maml.cross_entropy_per_task,
                         maml.accuracy_per_task, "acc", None)
 
 
@@ -90,7 +90,7 @@ def test_batched_update_is_the_mean_of_task_deltas():
     new, new_state, _, _ = reptile.meta_step(problem.params, state, problem, (x, y, x[:, :0], y[:, :0]), cfg,
                                              schedule, 0.4)
     alone = [reptile.adapt(maml.per_task(problem.params, 1), problem, x[t:t + 1], y[t:t + 1],
-                                [s[t:t + 1] for s in schedule], 0.01, "adam", state)
+                           [s[t:t + 1] for s in schedule], 0.01, "adam", state)
              for t in range(T)]
     for name, p in problem.params.items():
         deltas = torch.stack([a[0][name][0] - p for a in alone])
@@ -178,7 +178,7 @@ def expected_updates(A, c, phi, k, alpha):
     y = torch.zeros(T, batches, 1, dtype=D)
     schedule = [torch.tensor([[o[i]] for _, o in orders]) for i in range(k)]
     mean_loss = lambda out, y: out.mean(dim=(1, 2))                    # (T, b, 1) -> (T,)
-    problem = maml.Problem({"phi": phi}, quadratic_forward, mean_loss, mean_loss, "loss", None)
+    problem = data.Problem({"phi": phi}, quadratic_forward, mean_loss, mean_loss, "loss", None)
     batch = (x, y, x[:, :0], y[:, :0])
     out = {}
     for name, combination in (("reptile", "+".join(f"g{i + 1}" for i in range(k))), ("fomaml", "gk")):
