@@ -671,6 +671,8 @@ def check_session_flags(cfg):
         if cfg.dataset == "sinusoid":
             raise SystemExit(f"error: --predict classifies images; {cfg.load} is a sinusoid regressor")
         cfg.eval_only = True
+    if getattr(cfg, "dataset", None) == "folder" and not cfg.data_dir and not cfg.eval_only:
+        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.eval_only and not cfg.load:
         raise SystemExit("error: --eval-only needs --load CHECKPOINT")
     if cfg.load and not cfg.eval_only:
@@ -1049,8 +1051,10 @@ def stop_unless_finite(params, line, save, bar):
                      f"stopped (resume with a smaller step size){kept}")
 
 
-def format_curve(curve):
-    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in enumerate(mean_ci(r) for r in curve))
+def format_curve(curve, steps=None):
+    """'0:m±c  1:m±c ...': mean ± 95% CI of each row (the inner steps `steps`, by default 0, 1, ...)."""
+    steps = range(len(curve)) if steps is None else steps
+    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
 
 
 def plot_curves(path, curves, title):

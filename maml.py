@@ -310,10 +310,11 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
 # ---- Below: what the paper does not contain: command line, data, checkpoints, training loop, plots ----
 
 # task_chunk and eval_chunk change speed and memory only, not the result: how many tasks run as
-# one batched computation. Batching many small tasks pays on the CPU; for 84x84 images one task
-# at a time is faster (tests/benchmark.py), and non-transductive evaluation of 75 queries needs
-# 75 BatchNorm groups per task.
-CHUNKS = {"sinusoid": dict(task_chunk=25, eval_chunk=100), "omniglot-5way": dict(task_chunk=32, eval_chunk=50),
+# one batched computation, measured with tests/benchmark.py on one CPU thread. Omniglot: chunks of 4
+# were as fast as 32 (5-way) and faster than 1 or 2 (20-way), with a graph of 4 tasks in memory;
+# for 84x84 images one task at a time is as fast, and non-transductive evaluation of 75 queries
+# needs 75 BatchNorm groups per task.
+CHUNKS = {"sinusoid": dict(task_chunk=25, eval_chunk=100), "omniglot-5way": dict(task_chunk=4, eval_chunk=50),
           "omniglot-20way": dict(task_chunk=4, eval_chunk=10), "miniimagenet": dict(task_chunk=1, eval_chunk=1)}
 # `python maml.py` with no arguments takes about 3.5 minutes on one CPU thread (README); --full
 # gives the paper's 70k iterations.
@@ -388,8 +389,6 @@ def build_parser():
 def finalize_config(cfg):
     """Fill unset flags with the paper's settings and reject impossible combinations."""
     data.check_session_flags(cfg)
-    if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
-        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
         cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
     if cfg.dataset == "sinusoid" and cfg.iterations is None and not cfg.full:

@@ -342,8 +342,6 @@ def finalize_config(cfg):
     data.check_session_flags(cfg)
     if not 0 <= cfg.adam_beta1 < 1:
         raise SystemExit(f"error: --adam-beta1 {cfg.adam_beta1} must lie in [0, 1)")
-    if cfg.dataset == "folder" and not cfg.data_dir and not cfg.eval_only:
-        raise SystemExit("error: --dataset folder needs --data-dir DIR (DIR/<class>/<images>)")
     if cfg.shots is None:
         cfg.shots = 10 if cfg.dataset == "sinusoid" else 1
     for k, v in paper_settings(cfg.dataset, cfg.ways, cfg.shots).items():
@@ -369,10 +367,6 @@ def finalize_config(cfg):
     if cfg.tail == "separate" and cfg.inner_steps < 2:
         raise SystemExit("error: --tail separate needs --inner-steps 2 or more: the last step is the "
                          "held-out batch, the ones before it adapt")
-    if not 0 <= cfg.adam_beta1 < 1:
-        raise SystemExit("error: --adam-beta1 must be in [0, 1)")
-    if cfg.meta_step_size <= 0 or cfg.inner_lr <= 0:
-        raise SystemExit("error: --meta-step-size and --inner-lr must be positive")
     parse_combination(cfg.combination, cfg.inner_steps)
     return cfg
 
@@ -493,10 +487,6 @@ def train(cfg, problem, sample_train, state, stop=data.NoStop()):
     return checkpoint(cfg.iterations)
 
 
-def format_curve(curve, steps):
-    return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
-
-
 def train_maml_sinusoid(cfg, problem):
     """The MAML panel of Fig. 1: maml.py's second-order MAML with its §5.1 settings (1 step,
     α = 0.01, Adam 1e-3, 25 tasks) on the same 1→64→64→1 network and the same §4 tasks (K points,
@@ -606,7 +596,7 @@ def main(argv=None):
             curve = evaluate(p, problem, "test", cfg.test_tasks, cfg.seed + 2, test_cfg, inner,
                              ["transductive"])["transductive"]
             steps = curve_steps(cfg.eval_steps)
-            print(f"  {name + f' α={lr}':<18} " + format_curve(curve, steps))
+            print(f"  {name + f' α={lr}':<18} " + data.format_curve(curve, steps))
             results["test"][name] = {"inner_lr": lr, "steps": steps, "mse_by_step": [mean_ci(r) for r in curve]}
         m, c = mean_ci(curve[-1])   # Reptile's, the last model
         print(f"test_mse={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
@@ -620,7 +610,7 @@ def main(argv=None):
         for mode, curve in curves.items():
             m, c = mean_ci(curve[-1])
             steps = curve_steps(cfg.eval_steps, mode)
-            print(f"  {mode:<16} " + format_curve(curve, steps))
+            print(f"  {mode:<16} " + data.format_curve(curve, steps))
             print(f"test_acc_{mode}={m:.4f} ci95={c:.4f} steps={cfg.eval_steps}")
             results["test"][mode] = {"steps": steps, "accuracy_by_step": [mean_ci(r) for r in curve],
                                      "accuracy": m, "ci95": c}
