@@ -953,18 +953,21 @@ def add_dataset_flags(p, papers):
     a("--channels", type=int, choices=[1, 3], default=3, help="folder datasets: 1 (grayscale) or 3 (RGB)")
 
 
-def add_session_flags(p, resumable):
-    """This invocation's flags (SESSION_FLAGS), the same in every supervised script. `resumable`: the
-    training flags that a --resume may change."""
+def add_session_flags(p, resumable, predict=True):
+    """This invocation's flags (SESSION_FLAGS), the same in every script. `resumable`: the training
+    flags that a --resume may change; predict: --predict and --support (not in meta-RL)."""
     a = p.add_argument
-    a("--seed", type=int, default=0, help="seeds the initialization, the task stream and any inner mini-batches")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--seed", type=int, default=0, help="seeds the initialization, the tasks and every random draw of the run")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (meta-RL samples "
+      "on the CPU)")
     a("--out", default=None, help="write the config and final metrics to this JSON file")
     a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
     a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
       f"only {resumable} and the evaluation flags may differ from it")
     a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
     a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    if not predict:
+        return
     a("--predict", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="few-shot prediction on your own "
       "images: adapt the --load model to --support as at test time, then classify these images (or folders)")
     a("--support", default=None, help="with --predict: DIR/<class>/<images>, any number of images per class")

@@ -8,8 +8,7 @@ ICML 2017. This file implements Algorithm 2 (MAML for few-shot supervised learni
     Alg. 2 line 8     sample D'_i, the query set of each task       the same call (x_query, y_query)
     Alg. 2 line 10    θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i) (Adam)          meta_step()
     §5.2              first-order MAML drops the second derivatives: adapt(first_order=True)
-    Alg. 3 (§3.2)     meta-RL: adapt_policy() is adapt() on the REINFORCE loss; rl.py samples
-                      trajectories and takes the TRPO meta-step (python maml.py --env ...)
+    Alg. 3 (§3.2)     meta-RL: adapt_policy(), adapt() on the REINFORCE loss; rl.py does the rest (--env)
 
 Symbols, named the same in every script of this project:
     θ   params           meta-parameters, a dict of tensors
@@ -63,8 +62,8 @@ PAPER_SETTINGS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The functional models. Every forward takes params with a leading task dimension T, so a whole
-# meta-batch runs as one batched computation: x is (T, B, ...) and the output (T, B, outputs).
+# The functional models. Params carry a leading task dimension T, so a meta-batch is one batched
+# computation: x (T, B, ...) -> (T, B, outputs).
 # ---------------------------------------------------------------------------------------------
 
 def init_mlp(sizes, generator):
@@ -106,9 +105,8 @@ def init_convnet(in_channels, hidden, ways, feature_dim, generator):
 
 
 def batch_norm(h, weight, bias, eps=1e-5):
-    """BatchNorm with the statistics of the batch at hand, at training and at test time, as the
-    reference code does (transductive); no running statistics. h: (B, T*C, H, W), so each task's
-    channels are separate channels here and get their own statistics."""
+    """BatchNorm with the batch's own statistics in training and at test time (transductive), as the
+    reference code; no running statistics. h: (B, T*C, H, W): each task's channels get their own."""
     return F.batch_norm(h, None, None, weight, bias, training=True, eps=eps)
 
 

@@ -107,15 +107,7 @@ def build_parser(prog, algorithm):
       "process per environment (MuJoCo tasks)")
     a("--num-envs", type=int, default=None, help="environments stepped together, a multiple of K "
       "(default: K × meta-batch with sync, K with async)")
-    a("--seed", type=int, default=0, help="seeds the policy, the tasks, the action noise and the resets")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="device of the meta-update (sampling runs on the CPU)")
-    a("--out", default=None, help="write the config and the final metrics to this JSON file")
-    a("--save", default=None, help="checkpoint path, written atomically at each validation and at the end")
-    a("--resume", default=None, help="continue training from this checkpoint, exactly as if never stopped; "
-      "only --iterations, --inner-lr, --max-kl and the evaluation flags may differ from it")
-    a("--load", default=None, help="checkpoint to evaluate (with --eval-only)")
-    a("--eval-only", action="store_true", help="only meta-test the --load checkpoint")
+    data.add_session_flags(p, "--iterations, --inner-lr, --max-kl", predict=False)
     a("--plot", nargs="?", const="auto", default=None,
       help="save the return against gradient steps (Fig. 4/5); needs matplotlib")
     a("--last", action="store_true", help="test the last iterate instead of the best validated model (A.2)")
