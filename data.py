@@ -1,4 +1,4 @@
-"""data.py: the shared episode sampler for every script in this project.
+"""data.py: the shared episode sampler and run plumbing for every script in this project.
 
 Few-shot tasks, as MAML (Finn et al. 2017) §5 and Reptile (Nichol et al. 2018) §4 define them:
 
@@ -11,6 +11,10 @@ Few-shot tasks, as MAML (Finn et al. 2017) §5 and Reptile (Nichol et al. 2018) 
 Every loader returns a dict of splits {"train", "val", "test"}, each a ClassImages: all images
 of the split as one uint8 tensor plus per-class offsets, so that drawing an episode is a
 handful of indexing operations and never the bottleneck (tests/benchmark.py measures it).
+
+The second half holds what no paper contains and every script shares: the command-line checks,
+parse_args (one way to merge a checkpoint's config with the flags), atomic checkpoints, the results
+file, Ctrl-C, few-shot prediction on a user's images, plots, and torchrun (setup_distributed).
 
 Symbols: N ways, K shots, Q query (per class), T tasks in a batch.
 """
