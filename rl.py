@@ -71,7 +71,7 @@ ENV_SETTINGS = {
 
 def build_parser(prog, algorithm):
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        prog=prog, formatter_class=data.HelpFormatter, allow_abbrev=False,
         description=f"Meta-RL with {algorithm.upper()} (MAML Algorithm 3, §5.3, A.2): REINFORCE in "
                     "the inner loop, TRPO as the meta-optimizer. Flags left unset take the paper's value.")
     a = p.add_argument
