@@ -629,7 +629,8 @@ def write_predictions_csv(path, rows):
 # ---------------------------------------------------------------------------------------------
 # Run plumbing that every script shares (maml.py, anil.py, nil.py, reptile.py, rl.py): the checks
 # on the command line, one way to merge a checkpoint's config with it, atomic checkpoints, the
-# results file, Ctrl-C, and few-shot prediction on a user's images. None of it is in the papers.
+# results file, Ctrl-C, few-shot prediction on a user's images, plots; torchrun at the end. None of
+# it is in the papers.
 # ---------------------------------------------------------------------------------------------
 
 def task_batches(problem, split, tasks, batch_size, seed, **kw):

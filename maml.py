@@ -197,14 +197,14 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     for start in range(0, tasks, chunk):
         part = tuple(b[start:start + chunk] for b in batch)
         loss, metric = meta_loss(params, problem, part, cfg, adapt)
-        if not torch.isfinite(loss):
-            raise data.NonFiniteLoss(f"the meta-loss is {loss.item()}")
         weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
         (loss * weight).backward()
         total += loss.item() * weight
         metrics.append(metric)
     stats = torch.tensor([total, torch.cat(metrics).mean().item()], dtype=torch.float64, device=batch[0].device)
     data.all_reduce_mean([p.grad for p in params.values()] + [stats], tasks)   # torchrun: all ranks' tasks
+    if not torch.isfinite(stats[0]):            # checked after the all_reduce, so that every rank stops
+        raise data.NonFiniteLoss(f"the meta-loss is {stats[0].item()}")
     if getattr(cfg, "clip_grad", None):         # the reference code's MiniImageNet setting
         for p in params.values():
             p.grad.clamp_(-cfg.clip_grad, cfg.clip_grad)
@@ -320,7 +320,7 @@ QUICK_SINUSOID_ITERATIONS = 30000
 
 
 def paper_settings(dataset, ways, shots):
-    """The settings above for a dataset, with the batching of CHUNKS (speed only, below)."""
+    """PAPER_SETTINGS for a dataset, with the batching of CHUNKS (speed only)."""
     if dataset == "omniglot":
         key = "omniglot-20way" if ways >= 20 else "omniglot-5way"
     else:

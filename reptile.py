@@ -194,8 +194,6 @@ def meta_step(params, state, problem, batch, cfg, schedule, epsilon):
         x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
     fast, updates, new_state, loss, metric = adapt(per_task(params, x.shape[0]), problem, x, y, schedule,
                                                    cfg.inner_lr, cfg.inner_optimizer, state, cfg.adam_beta1)
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"the inner loss is {loss.sum().item()}")
     chosen = parse_combination(cfg.combination, len(updates))
     if chosen == list(range(len(updates))) and cfg.combine == "sum":
         # Reptile: Σ_i u_i = φ̃ − φ, so the target is φ̃_i itself (Alg. 1 line 4)
@@ -207,7 +205,10 @@ def meta_step(params, state, problem, batch, cfg, schedule, epsilon):
     # The n tasks ran side by side from the same statistics; the reference code runs them one
     # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
     mean_target, new_state = {k: target[k].mean(0) for k in params}, map_state(new_state, lambda v: v.mean(0))
-    data.all_reduce_mean(list(mean_target.values()) + state_tensors(new_state), x.shape[0])   # torchrun: all ranks
+    inner = loss.sum().double().reshape(1)        # all-reduced too, so that a NaN stops every torchrun rank
+    data.all_reduce_mean(list(mean_target.values()) + state_tensors(new_state) + [inner], x.shape[0])
+    if not torch.isfinite(inner).all():
+        raise NonFiniteLoss(f"the inner loss is {inner.item()}")
     # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
     # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
     new_params = {k: torch.lerp(params[k], mean_target[k], epsilon) for k in params}
