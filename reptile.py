@@ -79,17 +79,6 @@ ADAM_BETA2, ADAM_EPS = 0.999, 1e-8      # Adam's defaults (Kingma & Ba), which t
 SINUSOID_SIZES = (1, 64, 64, 1)         # §4: the regressor's layers, 1 → 64 → 64 → 1
 
 
-def paper_settings(dataset, ways, shots):
-    if dataset == "sinusoid":
-        return dict(PAPER_SETTINGS["sinusoid"])
-    if dataset == "omniglot":
-        return dict(PAPER_SETTINGS["omniglot-20way" if ways >= 20 else "omniglot-5way"])
-    s = dict(PAPER_SETTINGS["miniimagenet"])       # also the default for an image folder
-    if shots >= 5:
-        s["eval_inner_batch"] = 15
-    return s
-
-
 # ---------------------------------------------------------------------------------------------
 # The algorithm: inner loop (Alg. 1 line 4) and meta-update (Alg. 1 line 5, Eq. 5). The model
 # is maml.py's (§4's regressor is its MLP with 64 units; §6.1 uses MAML's convnet).
@@ -336,6 +325,18 @@ def parse_combination(text, k):
             raise SystemExit(f"error: --combination {text!r} names g{i} twice")
         out.append(i - 1)
     return sorted(out)
+
+
+def paper_settings(dataset, ways, shots):
+    """PAPER_SETTINGS for a dataset; 5-shot tests use an inner batch of 15 (Table 4)."""
+    if dataset == "sinusoid":
+        return dict(PAPER_SETTINGS["sinusoid"])
+    if dataset == "omniglot":
+        return dict(PAPER_SETTINGS["omniglot-20way" if ways >= 20 else "omniglot-5way"])
+    s = dict(PAPER_SETTINGS["miniimagenet"])       # also the default for an image folder
+    if shots >= 5:
+        s["eval_inner_batch"] = 15
+    return s
 
 
 def finalize_config(cfg):
