@@ -428,6 +428,9 @@ OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "
 
 def train(cfg, problem, sample_train, state, stop=data.NoStop()):
     """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
+    if state["iteration"] >= cfg.iterations:
+        print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
+        return state
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
     inner_state = map_state(state["inner_state"], lambda v: v.to(device))
@@ -566,11 +569,8 @@ def main(argv=None):
 
     started = time.time()
     if not cfg.eval_only:
-        if state["iteration"] >= cfg.iterations:
-            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        else:
-            with data.StopRequest() as stop:
-                state = train(cfg, problem, sample_train, state, stop)
+        with data.StopRequest() as stop:
+            state = train(cfg, problem, sample_train, state, stop)
     if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
         return None
     train_seconds = time.time() - started
