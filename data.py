@@ -35,6 +35,7 @@ import random
 import signal
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -1047,16 +1048,45 @@ class NoStop:
         pass
 
 
-def stop_unless_finite(params, line, save, bar):
-    """A checkpoint is written only when θ and the validation numbers are finite; otherwise training
-    stops here and the file on disk stays the last good one."""
-    if all(torch.isfinite(v).all() for v in params.values()) and \
-            all(math.isfinite(v) for v in line.values() if isinstance(v, float)):
-        return
+def train_loop(cfg, start, history, step, validate, checkpoint, desc, advice, stop=NoStop()):
+    """The loop around a script's own meta-step, the same in maml.py, reptile.py and rl.py: iterations
+    start..cfg.iterations under a progress bar; every cfg.val_every of them and at the end (rank 0), a
+    `key=value` line appended to `history` and an atomic checkpoint. step(it) runs iteration `it` and
+    returns the bar's numbers; validate() returns the line's; checkpoint(done) builds the checkpoint.
+    A non-finite loss (step raises NonFiniteLoss), θ or validation number stops the run with the file
+    on disk the last good checkpoint; Ctrl-C saves and stops (`stop`, a StopRequest)."""
+    if start >= cfg.iterations:
+        print(f"the checkpoint is already at iteration {start} of {cfg.iterations}")
+        return checkpoint(start)
+    from tqdm import tqdm
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=desc,
+               dynamic_ncols=True, mininterval=0.5, disable=RANK != 0)
+
+    def stopped(message):
+        bar.close()
+        kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
+        return SystemExit(f"error: {message}: training stopped{kept}")
+    started = time.time()
+    for it in bar:
+        try:
+            bar.set_postfix(step(it), refresh=False)
+        except NonFiniteLoss as e:
+            raise stopped(f"{e} at iteration {it + 1} (try a smaller {advice})") from None
+        done = it + 1
+        if (done % cfg.val_every == 0 or done == cfg.iterations) and RANK == 0:
+            line = {"iteration": done, **validate(), "elapsed_s": round(time.time() - started, 1)}
+            history.append(line)
+            state = checkpoint(done)
+            if not (all(torch.isfinite(v).all() for v in state["params"].values()) and
+                    all(math.isfinite(v) for v in line.values() if isinstance(v, float))):
+                raise stopped(f"non-finite parameters or validation at iteration {done} (resume with a "
+                              f"smaller step size)")
+            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+            if cfg.save:
+                save_checkpoint(cfg.save, state)
+        stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
-    kept = f"; the last good checkpoint is {save}" if save and os.path.exists(save) else ""
-    raise SystemExit(f"error: non-finite parameters or validation at iteration {line['iteration']}: training "
-                     f"stopped (resume with a smaller step size){kept}")
+    return checkpoint(cfg.iterations)
 
 
 def format_curve(curve, steps=None):

@@ -26,7 +26,6 @@ Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes; 
 
 import argparse
 import math
-import os
 import sys
 import time
 from functools import partial
@@ -464,21 +463,15 @@ def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
 def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
     and nil.py train with this loop and ANIL's inner loop as `adapt`."""
-    if state["iteration"] >= cfg.iterations:
-        print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        return state
     device = torch.device(cfg.device)
     params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
-    task_gen = torch.Generator()
-    task_gen.manual_seed(cfg.seed)
-    baseline = None
-    if "baseline_params" in state:
+    task_gen = torch.Generator().manual_seed(cfg.seed)
+    baseline = "baseline_params" in state       # the sinusoid's pretrained network, trained alongside
+    if baseline:
         b_params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["baseline_params"].items()}
         b_optimizer = torch.optim.Adam(b_params.values(), lr=cfg.outer_lr)
-        b_gen = torch.Generator()
-        b_gen.manual_seed(cfg.seed + 100)
-        baseline = (b_params, b_optimizer, b_gen)
+        b_gen = torch.Generator().manual_seed(cfg.seed + 100)
     if "optimizer" in state:  # resuming
         optimizer.load_state_dict(state["optimizer"])
         optimizer.param_groups[0]["lr"] = cfg.outer_lr          # a --resume may lower β
@@ -490,6 +483,24 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()
     history = state.get("history", [])
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
+    def step(it):
+        nonlocal running
+        # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
+        batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
+        loss, metric = meta_step(params, optimizer, problem, batch, cfg, adapt)
+        if baseline:
+            pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
+        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
+                                                          0.98 * running[1] + 0.02 * metric)
+        return {"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}
+
+    def validate():
+        line = {"train_loss": round(running[0], 5), f"train_{problem.metric_name}": round(running[1], 5)}
+        if problem.has_val:
+            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, adapt)
+            line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
+        return line
+
     def checkpoint(iteration):
         out = {"algorithm": algorithm, "format": data.CHECKPOINT_FORMAT,
                "params": {k: v.detach().cpu() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
@@ -500,43 +511,8 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()
             out["baseline_optimizer"] = b_optimizer.state_dict()
             out["rng"]["baseline_tasks"] = b_gen.get_state()
         return out
-
-    from tqdm import tqdm
-    start = state["iteration"]
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{algorithm} meta-train",
-               dynamic_ncols=True, mininterval=0.5, disable=data.RANK != 0)
-    started = time.time()
-    for it in bar:
-        # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
-        batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
-        try:
-            loss, metric = meta_step(params, optimizer, problem, batch, cfg, adapt)
-            if baseline:
-                pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
-        except data.NonFiniteLoss as e:
-            bar.close()
-            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
-            raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
-                             f"--inner-lr or --outer-lr){kept}") from None
-        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
-                                                          0.98 * running[1] + 0.02 * metric)
-        bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}, refresh=False)
-        done = it + 1
-        if (done % cfg.val_every == 0 or done == cfg.iterations) and data.RANK == 0:
-            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, adapt) if problem.has_val else None
-            line = {"iteration": done, "train_loss": round(running[0], 5),
-                    f"train_{problem.metric_name}": round(running[1], 5)}
-            if curve is not None:
-                line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
-            line["elapsed_s"] = round(time.time() - started, 1)
-            data.stop_unless_finite(params, line, cfg.save, bar)
-            history.append(line)
-            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
-            if cfg.save:
-                data.save_checkpoint(cfg.save, checkpoint(done))
-        stop.check(done, cfg.save, bar, checkpoint)
-    bar.close()
-    return checkpoint(cfg.iterations)
+    return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint,
+                           f"{algorithm} meta-train", "--inner-lr or --outer-lr", stop)
 
 
 def print_sinusoid_table(results, eval_steps):

@@ -37,7 +37,6 @@ Run:    python reptile.py            (sinusoid regression of §4, CPU, about 2 m
 
 import argparse
 import math
-import os
 import re
 from functools import partial
 import time
@@ -46,8 +45,7 @@ import torch
 
 import data
 import maml
-from data import (NonFiniteLoss, Problem, load_splits, mean_ci, save_checkpoint, seed_everything,
-                  task_batches)
+from data import NonFiniteLoss, Problem, load_splits, mean_ci, seed_everything, task_batches
 from maml import init_mlp, mlp_forward, mse_per_task, per_task, predict
 
 
@@ -428,9 +426,6 @@ OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "
 
 def train(cfg, problem, sample_train, state, stop=data.NoStop()):
     """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
-    if state["iteration"] >= cfg.iterations:
-        print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        return state
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
     inner_state = map_state(state["inner_state"], lambda v: v.to(device))
@@ -442,54 +437,37 @@ def train(cfg, problem, sample_train, state, stop=data.NoStop()):
     history = state.get("history", [])
     running = state.get("running")   # smoothed loss and metric of the last inner mini-batch
 
-    def checkpoint(iteration):
-        return {"algorithm": "reptile", "format": 1, "params": {k: v.cpu() for k, v in params.items()},
-                "inner_state": map_state(inner_state, torch.Tensor.cpu),
-                "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
-                "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
-
-    from tqdm import tqdm
-    start = state["iteration"]
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="meta-train",
-               dynamic_ncols=True, mininterval=0.5, disable=data.RANK != 0)
-    started = time.time()
-    for it in bar:
+    def step(it):
+        nonlocal params, inner_state, running
         # Alg. 1 line 3: sample n tasks, each with train_shots examples per class (+ a held-out tail)
         batch = sample_train(cfg.meta_batch_size, task_gen)
         n_train, n_tail = batch[0].shape[1], batch[2].shape[1]
         schedule = minibatch_schedule(cfg.meta_batch_size, n_train, n_tail, cfg.inner_batch,
                                       cfg.inner_steps, cfg.tail, cfg.replacement, batch_gen)
         batch, schedule = data.rank_tasks(batch), data.rank_tasks(schedule)     # torchrun: this rank's tasks
-        try:
-            params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
-                                                          epsilon_at(cfg, it))
-        except NonFiniteLoss as e:
-            bar.close()
-            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
-            raise SystemExit(f"error: {e} at iteration {it + 1}: training stopped (try a smaller "
-                             f"--inner-lr or --meta-step-size){kept}") from None
+        params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
+                                                      epsilon_at(cfg, it))
         loss, metric = loss.mean().item(), metric.mean().item()
         running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
                                                           0.98 * running[1] + 0.02 * metric)
-        bar.set_postfix({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}",
-                         "eps": f"{epsilon_at(cfg, it):.3f}"}, refresh=False)
-        done = it + 1
-        if (done % cfg.val_every == 0 or done == cfg.iterations) and data.RANK == 0:
-            line = {"iteration": done, "train_loss": round(running[0], 5),
-                    f"train_{problem.metric_name}": round(running[1], 5)}
-            if problem.has_val:
-                curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, inner_state,
-                                 ["transductive"])["transductive"]
-                line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
-            line["elapsed_s"] = round(time.time() - started, 1)
-            data.stop_unless_finite(params, line, cfg.save, bar)
-            history.append(line)
-            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
-            if cfg.save:
-                save_checkpoint(cfg.save, checkpoint(done))
-        stop.check(done, cfg.save, bar, checkpoint)
-    bar.close()
-    return checkpoint(cfg.iterations)
+        return {"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}",
+                "eps": f"{epsilon_at(cfg, it):.3f}"}
+
+    def validate():
+        line = {"train_loss": round(running[0], 5), f"train_{problem.metric_name}": round(running[1], 5)}
+        if problem.has_val:
+            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, inner_state,
+                             ["transductive"])["transductive"]
+            line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
+        return line
+
+    def checkpoint(iteration):
+        return {"algorithm": "reptile", "format": 1, "params": {k: v.cpu() for k, v in params.items()},
+                "inner_state": map_state(inner_state, torch.Tensor.cpu),
+                "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
+                "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
+    return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, "meta-train",
+                           "--inner-lr or --meta-step-size", stop)
 
 
 def train_maml_sinusoid(cfg, problem):

@@ -30,7 +30,6 @@ Run:    python maml.py --env navigation2d          (MAML on 2D navigation: 46 mi
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -696,7 +695,7 @@ def plot_returns(path, stats, cfg, algorithm):
 # Training and main
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg, state, test_adapt, algorithm, stop=None):
+def train(cfg, state, test_adapt, algorithm, stop=data.NoStop()):
     # the comparison policies train without an inner loop; pretrained is fine-tuned by the script's at test
     inner_adapt = no_inner_loop if cfg.compare in ("pretrained", "oracle") else test_adapt
     device = torch.device(cfg.device)
@@ -710,53 +709,40 @@ def train(cfg, state, test_adapt, algorithm, stop=None):
         generator.set_state(state["rng"]["sampling"])
     history = state.get("history", [])
     envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
+    info, done = None, state["iteration"]     # the last iteration's numbers, for the log line
+
+    def step(it):
+        nonlocal info, done
+        done = it + 1
+        tasks = task_family(cfg.env).sample_tasks(cfg.meta_batch_size, task_rng)   # Alg. 3 line 3
+        info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device)
+        if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
+                not all(torch.isfinite(v).all() for v in params.values()):
+            raise data.NonFiniteLoss("non-finite surrogate loss, gradient or parameters")
+        return {"R0": f"{info['return_before']:.2f}", "R1": f"{info['return_after']:.2f}", "kl": f"{info['kl']:.4f}"}
+
+    def validate():
+        nonlocal best
+        # A.2 keeps the model with the best return; we measure it on fixed validation tasks
+        val = adaptation_returns(params, test_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device,
+                                 cfg.episodes)
+        line = {"train_return_before": round(info["return_before"], 3),
+                "train_return_after": round(info["return_after"], 3),
+                "val_return_before": round(float(val[0].mean()), 3),
+                "val_return_after": round(float(val[1].mean()), 3),
+                "kl": round(info["kl"], 5), "ls_step": info["ls_step"], "log_std": round(params["log_std"].mean().item(), 4)}
+        if line["val_return_after"] > best["val_return"]:     # False for a NaN, which stops the run
+            best = {"params": cpu_copy(params), "val_return": line["val_return_after"], "iteration": done}
+        return line
 
     def checkpoint(iteration):
         return {"params": cpu_copy(params), "config": vars(cfg), "iteration": iteration, "algorithm": algorithm,
                 "format": 1, "best": best, "history": history,
                 "rng": {"tasks": task_rng.bit_generator.state, "sampling": generator.get_state()}}
-
-    from tqdm import tqdm
-    start = state["iteration"]
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{algorithm} {cfg.env}",
-               dynamic_ncols=True, mininterval=0.5)
-    started = time.time()
-    for it in bar:
-        tasks = task_family(cfg.env).sample_tasks(cfg.meta_batch_size, task_rng)   # Alg. 3 line 3
-        info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device)
-        if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
-                not all(torch.isfinite(v).all() for v in params.values()):
-            bar.close()
-            kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
-            raise SystemExit(f"error: non-finite surrogate loss, gradient or parameters at iteration {it + 1}: "
-                             f"training stopped (try a smaller --inner-lr or --max-kl){kept}")
-        bar.set_postfix({"R0": f"{info['return_before']:.2f}", "R1": f"{info['return_after']:.2f}",
-                         "kl": f"{info['kl']:.4f}"}, refresh=False)
-        done = it + 1
-        if done % cfg.val_every == 0 or done == cfg.iterations:
-            # A.2 keeps the model with the best return; we measure it on fixed validation tasks
-            val = adaptation_returns(params, test_adapt, envs, cfg, cfg.val_tasks, cfg.seed + 1, 1, device,
-                                     cfg.episodes)
-            line = {"iteration": done, "train_return_before": round(info["return_before"], 3),
-                    "train_return_after": round(info["return_after"], 3),
-                    "val_return_before": round(float(val[0].mean()), 3),
-                    "val_return_after": round(float(val[1].mean()), 3),
-                    "kl": round(info["kl"], 5), "ls_step": info["ls_step"],
-                    "log_std": round(params["log_std"].mean().item(), 4), "elapsed_s": round(time.time() - started, 1)}
-            if not all(math.isfinite(v) for v in line.values() if isinstance(v, float)):
-                bar.close()      # the checkpoint on disk stays the last good one
-                raise SystemExit(f"error: non-finite validation return at iteration {done}: training stopped")
-            if line["val_return_after"] > best["val_return"]:
-                best = {"params": cpu_copy(params), "val_return": line["val_return_after"], "iteration": done}
-            history.append(line)
-            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
-            if cfg.save:
-                data.save_checkpoint(cfg.save, checkpoint(done))
-        if stop:    # data.StopRequest: Ctrl-C or SIGTERM asked to save and stop
-            stop.check(done, cfg.save, bar, checkpoint)
-    bar.close()
+    state = data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, f"{algorithm} {cfg.env}",
+                            "--inner-lr or --max-kl", stop)
     envs.close()
-    return checkpoint(cfg.iterations)
+    return state
 
 
 SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs",
@@ -776,7 +762,7 @@ def check_checkpoint(saved, source, env, algorithm, resume):
         raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
 
 
-def run(cfg, saved, inner_adapt, algorithm, stop=None):
+def run(cfg, saved, inner_adapt, algorithm, stop=data.NoStop()):
     """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
     checkpoint (or None), the algorithm's inner loop and data.StopRequest (Ctrl-C saves and stops)."""
     source = cfg.resume or cfg.load
@@ -798,10 +784,7 @@ def run(cfg, saved, inner_adapt, algorithm, stop=None):
         inner_adapt = no_inner_loop
     started = time.time()
     if not cfg.eval_only and cfg.compare != "random":
-        if state["iteration"] >= cfg.iterations:
-            print(f"the checkpoint is already at iteration {state['iteration']} of {cfg.iterations}")
-        else:
-            state = train(cfg, state, inner_adapt, algorithm, stop)
+        state = train(cfg, state, inner_adapt, algorithm, stop)
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     best = state.get("best")

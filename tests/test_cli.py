@@ -108,7 +108,7 @@ def test_same_seed_same_numbers(omniglot_dir):
     assert maml.main(args)["test"] == maml.main(args)["test"]
 
 
-def test_resume_continues_identically(tmp_path):
+def test_resume_continues_identically(tmp_path, capsys):
     full = maml.main(quick("--save", tmp_path / "full.pt"))
     maml.main(quick("--save", tmp_path / "half.pt", "--iterations", "10"))
     resumed = maml.main(quick("--resume", tmp_path / "half.pt", "--save", tmp_path / "half.pt"))
@@ -119,6 +119,10 @@ def test_resume_continues_identically(tmp_path):
     assert full["test"] == resumed["test"] and without_times(full["history"]) == without_times(resumed["history"])
     # eval-only on the resumed run's checkpoint gives the uninterrupted run's test numbers
     assert maml.main(["--eval-only", "--load", str(tmp_path / "half.pt"), "--test-tasks", "8"])["test"] == full["test"]
+    # resuming a finished run trains nothing and tests the same θ and baseline
+    capsys.readouterr()
+    assert maml.main(quick("--resume", tmp_path / "half.pt"))["test"] == full["test"]
+    assert "already at iteration 30 of 30" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--load is for --eval-only"):
         maml.main(quick("--load", tmp_path / "half.pt"))
     # a training flag that contradicts the checkpoint is refused

@@ -438,7 +438,7 @@ def test_eval_batch_changes_nothing_but_speed(omniglot_dir):
     assert a["test"] == b["test"]
 
 
-def test_resume_after_a_crash_continues_identically(omniglot_dir, tmp_path, monkeypatch):
+def test_resume_after_a_crash_continues_identically(omniglot_dir, tmp_path, monkeypatch, capsys):
     """A run stopped by a NaN at iteration 5 keeps its checkpoint of iteration 4; resuming from it
     gives the same parameters, Adam state and test numbers as a run that never stopped."""
     args = tiny(omniglot_dir, "--iterations", "8", "--val-every", "2")
@@ -467,6 +467,10 @@ def test_resume_after_a_crash_continues_identically(omniglot_dir, tmp_path, monk
         assert torch.equal(a["inner_state"]["v"][k], b["inner_state"]["v"][k]), k
     assert full["test"] == resumed["test"] and without_times(full["history"]) == without_times(resumed["history"])
     assert reptile.main(["--eval-only", "--load", str(ckpt), "--test-tasks", "4"])["test"] == full["test"]
+    # resuming a finished run trains nothing and tests the same φ
+    capsys.readouterr()
+    assert reptile.main(["--resume", str(ckpt)])["test"] == full["test"]
+    assert "already at iteration 8 of 8" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="contradicts the checkpoint"):
         reptile.main(["--resume", str(ckpt), "--iterations", "12"])
 

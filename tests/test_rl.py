@@ -430,6 +430,9 @@ def test_same_seed_same_numbers_and_resume_continues_identically(tmp_path, capsy
     assert all(torch.equal(sa["params"][k], sc["params"][k]) for k in sa["params"])
     d = maml.main(["--env", "navigation2d", "--eval-only", "--load", str(tmp_path / "a.pt")])
     assert d["test"] == a["test"]
+    capsys.readouterr()     # resuming a finished run trains nothing and tests the same model
+    assert maml.main(["--env", "navigation2d", "--resume", str(tmp_path / "a.pt")])["test"] == a["test"]
+    assert "already at iteration 2 of 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
