@@ -388,9 +388,6 @@ def parse(parser, argv, analysis_flags=ANALYSIS_FLAGS):
                                     session_flags=data.SESSION_FLAGS | analysis_flags)
     if cfg.plot and not getattr(cfg, "similarity", True):           # nil.py has no --similarity
         raise SystemExit("error: anil.py's --plot draws the --similarity bars; add --similarity")
-    for name in ("similarity_tasks", "similarity_query", "timing_batches"):
-        if getattr(cfg, name, 1) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     return maml.finalize_config(cfg), saved
 
 

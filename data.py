@@ -719,12 +719,15 @@ STEP_SIZES = ("inner_lr", "outer_lr", "meta_step_size", "max_kl", "clip_grad")
 
 
 def check_numbers(cfg):
-    """Numbers that argparse accepts but no run can use: NaN or inf anywhere, a step size that is not
-    positive, a seed outside numpy's range, an image too small for four 2×2 max-pools."""
+    """Numbers that argparse accepts but no run can use: NaN or inf anywhere, a count (every integer
+    flag but the seeds and --eval-steps) below 1, a step size that is not positive, a seed outside
+    numpy's range, an image too small for four 2×2 max-pools."""
     for k, v in vars(cfg).items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             raise SystemExit(f"error: {flag} {v}: not a finite number")
+        if type(v) is int and v < (0 if k == "eval_steps" else 1) and k not in ("seed", "split_seed"):
+            raise SystemExit(f"error: {flag} {v}: must be at least {0 if k == 'eval_steps' else 1}")
         if k in STEP_SIZES and v is not None and v <= 0:
             raise SystemExit(f"error: {flag} {v}: a step size must be positive")
         if k in ("seed", "split_seed") and not 0 <= v < 2 ** 32:
@@ -920,15 +923,18 @@ OVERRIDABLE_FLAGS = {"iterations", "full", "test_tasks", "eval_chunk", "bn_mode"
 def parse_args(parser, argv, algorithm, testable=(), session_flags=SESSION_FLAGS,
                overridable=OVERRIDABLE_FLAGS, test_overridable=()):
     """The command line merged with the --resume or --load checkpoint's config: the one way every
-    supervised script does it. --resume takes only `algorithm`'s checkpoints, --load also `testable`
+    script does it. --resume takes only `algorithm`'s checkpoints, --load also `testable`
     ones; `test_overridable` flags may differ from the checkpoint's only with --eval-only.
     Returns the merged flags, the checkpoint (or None) and the names of the flags given."""
     args = parser.parse_args(argv)
     given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     source = args.resume or args.load
     saved = load_checkpoint(source) if source else None
-    if saved and saved["config"].get("env"):
-        raise SystemExit(f"error: {source} is a meta-RL checkpoint: add --env {saved['config']['env']}")
+    env, trained = getattr(args, "env", None), saved and saved["config"].get("env")
+    if saved and env != trained:           # meta-RL (rl.py) and supervised checkpoints do not mix
+        raise SystemExit(f"error: {source} " + (f"is a meta-RL checkpoint: add --env {trained}" if not env else
+                                                "is a supervised checkpoint, not a meta-RL one" if not trained
+                                                else f"was trained on {trained}, not {env}"))
     if saved:
         refuse_foreign(saved, source, {algorithm} | (set(testable) if args.load else set()))
         overridable = set(overridable) | (set(test_overridable) if args.eval_only else set())
@@ -1095,18 +1101,18 @@ def format_curve(curve, steps=None):
     return "  ".join(f"{s}:{m:.4f}±{c:.4f}" for s, (m, c) in zip(steps, (mean_ci(r) for r in curve)))
 
 
-def plot_curves(path, curves, title):
-    """The adaptation curve(s) of a test, mean ± 95% CI: curves is {label: (steps, per-task rows)}."""
+def plot_curves(path, curves, title, xlabel="inner gradient steps at test time", ylabel="query accuracy"):
+    """Test curves, mean ± 95% CI against steps: curves is a list of (label, steps, [(mean, ci), ...])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, (steps, curve) in curves.items():
-        stats = [mean_ci(r) for r in curve]
+    for label, steps, stats in curves:
         ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3,
                     label=label)
-    ax.set_xlabel("inner gradient steps at test time")
-    ax.set_ylabel("query accuracy")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))     # steps are whole numbers
     ax.set_title(title)
     if len(curves) > 1:
         ax.legend()

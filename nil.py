@@ -197,9 +197,6 @@ def main(argv=None):
     if cfg.dataset == "sinusoid":
         raise SystemExit("error: NIL classifies by cosine similarity to labelled support examples; "
                          "use --dataset omniglot, miniimagenet or folder")
-    for name in ("pretrain_iterations", "pretrain_batch", "head_iterations"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     problem, net, state = anil.setup(cfg, saved)
     if cfg.predict:     # §5: no head and no inner loop, so a support set of any number of classes
         params = per_task({k: v.to(cfg.device) for k, v in state["params"].items()}, 1)

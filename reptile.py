@@ -356,11 +356,8 @@ def finalize_config(cfg):
         cfg.tail_shots = max(1, cfg.inner_batch // (1 if cfg.dataset == "sinusoid" else cfg.ways))
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 10)
-    for name in ("ways", "shots", "query", "train_shots", "tail_shots", "inner_batch", "inner_steps",
-                 "eval_steps", "eval_inner_batch", "meta_batch_size", "iterations", "val_tasks", "test_tasks",
-                 "eval_chunk", "val_every", "maml_iterations"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if cfg.eval_steps < 1:             # data.check_numbers allows 0 (MAML's curve starts at step 0)
+        raise SystemExit(f"error: --eval-steps {cfg.eval_steps}: must be at least 1")
     if cfg.tail == "separate" and cfg.dataset != "sinusoid" and cfg.tail_shots >= cfg.train_shots:
         raise SystemExit(f"error: --tail-shots {cfg.tail_shots} leaves no training examples: the "
                          f"separate tail is carved out of the --train-shots {cfg.train_shots}")
@@ -600,7 +597,7 @@ def main(argv=None):
         plot_sinusoid("reptile_sinusoid.png" if cfg.plot == "auto" else cfg.plot, cfg, problem, models)
     elif cfg.plot:
         data.plot_curves("reptile_curve.png" if cfg.plot == "auto" else cfg.plot,
-                         {mode: (curve_steps(cfg.eval_steps, mode), c) for mode, c in curves.items()},
+                         [(mode, r["steps"], r["accuracy_by_step"]) for mode, r in results["test"].items()],
                          f"{cfg.dataset} {cfg.ways}-way {cfg.shots}-shot, {cfg.algorithm}")
     return results
 

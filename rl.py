@@ -124,15 +124,9 @@ def finalize_config(cfg):
         cfg.num_envs = cfg.episodes * (cfg.meta_batch_size if cfg.vector == "sync" else 1)
     if cfg.val_every is None:
         cfg.val_every = max(1, cfg.iterations // 20)
-    for name in ("meta_batch_size", "episodes", "horizon", "iterations", "cg_iters", "ls_steps",
-                 "val_every", "val_tasks", "test_tasks", "num_envs", "eval_episodes"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if cfg.num_envs % cfg.episodes:
         raise SystemExit(f"error: --num-envs {cfg.num_envs} must be a multiple of --episodes {cfg.episodes}: "
                          f"each task's K episodes run side by side")
-    if cfg.eval_steps < 0:
-        raise SystemExit("error: --eval-steps must be at least 0")
     if not 0 < cfg.ls_ratio < 1:
         raise SystemExit(f"error: --ls-ratio {cfg.ls_ratio}: the line search's shrink factor lies in (0, 1)")
     for name in ("gamma", "gae_lambda"):
@@ -667,28 +661,16 @@ def adaptation_returns(params, inner_adapt, envs, cfg, n_tasks, seed, steps, dev
 def plot_returns(path, stats, cfg, algorithm):
     """MAML Fig. 4/5: return per episode against gradient steps, with the curves of the runs
     given by --plot-with (their --out JSON files) on the same axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     def label(config, algorithm):
         return config.get("compare") or algorithm.upper() + (" (first-order)" if config.get("first_order") else "")
-    curves = [(label(vars(cfg), algorithm), stats)]
+    curves = [(label(vars(cfg), algorithm), range(len(stats)), stats)]
     for other in cfg.plot_with or []:
         with open(other) as f:
             run = json.load(f)
-        curves.append((label(run["config"], run.get("algorithm", "?")), run["test"]["return_by_step"]))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, stats in curves:
-        ax.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o",
-                    capsize=3, label=label)
-    ax.set_xlabel("number of gradient steps")
-    ax.set_ylabel("average return per episode")
-    ax.set_xticks(range(max(len(stats) for _, stats in curves)))
-    ax.set_title(f"{cfg.env}, {cfg.test_tasks} test tasks")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
+        theirs = run["test"]["return_by_step"]
+        curves.append((label(run["config"], run.get("algorithm", "?")), range(len(theirs)), theirs))
+    data.plot_curves(path, curves, f"{cfg.env}, {cfg.test_tasks} test tasks", "number of gradient steps",
+                     "average return per episode")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,17 +733,6 @@ SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot",
 OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr", "max_kl"}
 
 
-def check_checkpoint(saved, source, env, algorithm, resume):
-    """Refuse a checkpoint of another kind, naming the right command."""
-    kind = saved.get("algorithm", "maml")
-    if not saved["config"].get("env"):
-        raise SystemExit(f"error: {source} is a supervised checkpoint, not a meta-RL one")
-    if saved["config"]["env"] != env:
-        raise SystemExit(f"error: {source} was trained on {saved['config']['env']}, not {env}")
-    if resume and kind != algorithm:
-        raise SystemExit(f"error: {source} was trained by {kind}.py; resume it with {kind}.py")
-
-
 def run(cfg, saved, inner_adapt, algorithm, stop=data.NoStop()):
     """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
     checkpoint (or None), the algorithm's inner loop and data.StopRequest (Ctrl-C saves and stops)."""
@@ -811,16 +782,11 @@ def run(cfg, saved, inner_adapt, algorithm, stop=data.NoStop()):
 def main(argv, adapt_policy, algorithm, prog):
     """`python maml.py --env NAME` (or anil.py): the meta-RL command line, merged with a checkpoint as the
     supervised one is, then run() with the script's inner loop."""
-    parser = build_parser(prog, algorithm)
-    args = parser.parse_args(argv)
+    # --resume takes this script's checkpoints; --load tests either script's
+    args, saved, _ = data.parse_args(build_parser(prog, algorithm), argv, algorithm, testable={"maml", "anil"},
+                                     session_flags=SESSION_FLAGS, overridable=OVERRIDABLE_FLAGS)
     data.refuse_distributed(prog + " --env", "TRPO's meta-step is a sequence of conjugate-gradient steps over the "
                             "whole meta-batch; --vector async samples the environments in parallel processes")
-    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    source = args.resume or args.load
-    saved = data.load_checkpoint(source) if source else None
-    if saved:
-        check_checkpoint(saved, source, args.env, algorithm, args.resume)
-        args = data.merge_checkpoint_config(args, saved["config"], given, SESSION_FLAGS, OVERRIDABLE_FLAGS)
     data.check_session_flags(args)
     cfg = finalize_config(args)
     data.seed_everything(cfg.seed)

@@ -330,7 +330,7 @@ def test_timing_table(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--similarity-tasks", "0"], "--similarity-tasks must be at least 1"),
+    (["--similarity-tasks", "0"], "--similarity-tasks 0: must be at least 1"),
     (["--eval-only"], "--eval-only needs --load"),
     (["--plot", "x.png"], "--plot draws the --similarity bars"),
 ])

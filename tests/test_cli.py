@@ -298,6 +298,14 @@ BAD_NUMBERS = [
     ("rl", ["--ls-ratio", "1.5"], r"--ls-ratio 1.5: .* lies in \(0, 1\)"),
     ("rl", ["--gamma", "2"], r"--gamma 2.0 must lie in \[0, 1\]"),
     ("rl", ["--inner-lr", "nan"], "--inner-lr nan: not a finite number"),
+    # every integer flag is a count, at least 1, except the seeds and --eval-steps (0: no adaptation)
+    ("maml", ["--meta-batch-size", "0"], "--meta-batch-size 0: must be at least 1"),
+    ("maml", ["--task-chunk", "-2"], "--task-chunk -2: must be at least 1"),
+    ("maml", ["--eval-steps", "-1"], "--eval-steps -1: must be at least 0"),
+    ("reptile", ["--inner-batch", "0"], "--inner-batch 0: must be at least 1"),
+    ("reptile", ["--eval-steps", "0"], "--eval-steps 0: must be at least 1"),
+    ("rl", ["--horizon", "0"], "--horizon 0: must be at least 1"),
+    ("rl", ["--eval-steps", "-1"], "--eval-steps -1: must be at least 0"),
 ]
 
 

@@ -123,7 +123,7 @@ def test_same_seed_same_numbers(omniglot_dir):
 
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "sinusoid"], "NIL classifies"),
-    (["--head-iterations", "0"], "--head-iterations must be at least 1"),
+    (["--head-iterations", "0"], "--head-iterations 0: must be at least 1"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_errors_are_clear(argv, message, capsys):

@@ -453,12 +453,17 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     args = ["--env", "navigation2d", "--iterations", "1", "--meta-batch-size", "2", "--episodes", "2", "--horizon", "5",
             "--test-tasks", "2", "--val-tasks", "2", "--eval-steps", "0", "--save", str(tmp_path / "rl.pt")]
     maml.main(args)
+    assert anil.main(args[:-2] + ["--eval-only", "--load", str(tmp_path / "rl.pt")])["test"]   # either script tests it
     with pytest.raises(SystemExit, match="meta-RL checkpoint: add --env navigation2d"):
         maml.main(["--eval-only", "--load", str(tmp_path / "rl.pt")])
     with pytest.raises(SystemExit, match="trained on navigation2d"):
         maml.main(["--env", "halfcheetah-dir", "--eval-only", "--load", str(tmp_path / "rl.pt")])
-    with pytest.raises(SystemExit, match="trained by maml.py"):
+    with pytest.raises(SystemExit, match="written by maml.py; this takes anil.py"):
         anil.main(["--env", "navigation2d", "--resume", str(tmp_path / "rl.pt"), "--iterations", "2"])
+    maml.main(["--iterations", "1", "--val-tasks", "2", "--test-tasks", "2", "--eval-steps", "1",
+               "--save", str(tmp_path / "sinusoid.pt")])
+    with pytest.raises(SystemExit, match="sinusoid.pt is a supervised checkpoint, not a meta-RL one"):
+        maml.main(["--env", "navigation2d", "--eval-only", "--load", str(tmp_path / "sinusoid.pt")])
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="corrupt"):
         maml.main(["--env", "navigation2d", "--eval-only", "--load", str(tmp_path / "bad.pt")])
