@@ -5,13 +5,16 @@ renaming, sharing a loop) must leave every value here bit-identical. A change th
 number on purpose (a fidelity fix) re-records the values it moves, in the same commit, and says
 why: `GOLDEN_RECORD=1 python -m pytest tests/test_golden.py` rewrites tests/golden.json.
 
-The values are exact for the torch version and the kind of CPU (architecture, vendor, AVX2 or
-AVX-512 kernels) they were recorded with; the file holds one recording per kind. Elsewhere, other
-kernels round differently in the last bits, so the check falls back to a relative tolerance of
-1e-4, which still catches any real change, and skips the RL runs, whose sampling turns last-bit
-differences into different episodes.
+The values are exact for the torch version and the CPU kernels they were recorded with. Kernels
+are told apart by a probe: the bits of a small grouped convolution's first and second derivatives
+through BatchNorm, in torch alone. Vendor and instruction set are not enough: two AMD EPYCs, both
+AVX2 to torch, rounded the convolutions differently. The file holds one recording per probe.
+Elsewhere the check falls back to a relative tolerance of 1e-4, which still catches any real
+change, and skips the RL runs, whose sampling turns last-bit differences into different episodes;
+`GOLDEN_RECORD=1` on an unchanged checkout adds that machine's recording.
 """
 
+import hashlib
 import json
 import os
 import platform
@@ -21,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import anil
 import data
@@ -31,12 +35,29 @@ import rl
 
 GOLDEN = Path(__file__).with_name("golden.json")
 RECORD = os.environ.get("GOLDEN_RECORD") == "1"
-# torch's CPU kernels differ with the vendor and instruction set (AVX2 and AVX-512 kernels of the
-# same reduction round differently), so the exact check needs the recording's kind of CPU.
-VENDOR = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
-              "") if os.path.exists("/proc/cpuinfo") else platform.processor()
-HERE = {"torch": torch.__version__, "machine": platform.machine(),
-        "cpu": f"{VENDOR} {torch.backends.cpu.get_cpu_capability()}".strip()}
+
+
+def kernel_probe():
+    """A fingerprint of how this CPU's kernels round, at the golden runs' sizes (28x28 images,
+    stride-2 3x3 convolutions, 8 or 64 channels per task, 2 tasks as groups), one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    bits = []
+    for batch, c_in, size, c_out in ((3, 1, 28, 8), (6, 1, 28, 64), (6, 64, 14, 64), (3, 64, 4, 64)):
+        x = torch.rand(batch, 2 * c_in, size, size, generator=g)
+        w = (torch.randn(2 * c_out, c_in, 3, 3, generator=g) * 0.3).requires_grad_()
+        h = F.relu(F.batch_norm(F.conv2d(x, w, stride=2, padding=1, groups=2), None, None, training=True))
+        (gw,) = torch.autograd.grad(h.pow(2).mean(), w, create_graph=True)
+        (ggw,) = torch.autograd.grad(gw.pow(2).sum(), w)
+        bits += [h.detach(), gw.detach(), ggw]
+    torch.set_num_threads(threads)
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in bits)).hexdigest()[:16]
+
+
+HERE = {"torch": torch.__version__, "machine": platform.machine(), "kernels": kernel_probe()}
+CPU = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+           "") if os.path.exists("/proc/cpuinfo") else platform.processor()      # for the reader only
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +100,7 @@ def check(name, values, chaotic=False):
     key = " ".join(HERE.values())
     store = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"recordings": {}}
     if RECORD:
-        store["recordings"].setdefault(key, {"recorded_with": HERE, "values": {}})["values"][name] = values
+        store["recordings"].setdefault(key, {"recorded_with": HERE | {"cpu": f"{CPU}, {torch.backends.cpu.get_cpu_capability()}"}, "values": {}})["values"][name] = values
         GOLDEN.write_text(json.dumps(store, indent=0) + "\n")
         return
     exact = key in store["recordings"]
