@@ -442,8 +442,7 @@ def main(argv=None):
 
     started = time.time()
     if not cfg.eval_only:
-        with data.StopRequest() as stop:
-            state = maml.train(cfg, problem, state, adapt, "anil", stop)
+        state = maml.train(cfg, problem, state, adapt, "anil")
     if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
         return None
     results = {"config": vars(cfg), "train_seconds": round(time.time() - started, 1),
@@ -471,7 +470,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
-        raise SystemExit("interrupted; checkpoints on disk are as they were") from None
+    data.run(main)

@@ -1016,6 +1016,15 @@ def keep_freed_memory():
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
+def run(main):
+    """`if __name__ == "__main__": data.run(main)`. Ctrl-C outside training (which saves and stops on
+    its own, StopRequest) ends with one line, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; checkpoints on disk are as they were") from None
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM during training: the current iteration ends, a checkpoint is saved (with
     --save) and the run stops with one line. A second Ctrl-C stops at once. Used as `with`."""
@@ -1049,18 +1058,13 @@ class StopRequest:
         raise SystemExit(f"stopped at iteration {done}: nothing saved" + (" (no --save)" if not save else ""))
 
 
-class NoStop:
-    def check(self, *args):
-        pass
-
-
-def train_loop(cfg, start, history, step, validate, checkpoint, desc, advice, stop=NoStop()):
+def train_loop(cfg, start, history, step, validate, checkpoint, desc, advice):
     """The loop around a script's own meta-step, the same in maml.py, reptile.py and rl.py: iterations
     start..cfg.iterations under a progress bar; every cfg.val_every of them and at the end (rank 0), a
     `key=value` line appended to `history` and an atomic checkpoint. step(it) runs iteration `it` and
     returns the bar's numbers; validate() returns the line's; checkpoint(done) builds the checkpoint.
     A non-finite loss (step raises NonFiniteLoss), θ or validation number stops the run with the file
-    on disk the last good checkpoint; Ctrl-C saves and stops (`stop`, a StopRequest)."""
+    on disk the last good checkpoint; Ctrl-C or SIGTERM saves and stops (StopRequest)."""
     if start >= cfg.iterations:
         print(f"the checkpoint is already at iteration {start} of {cfg.iterations}")
         return checkpoint(start)
@@ -1073,24 +1077,25 @@ def train_loop(cfg, start, history, step, validate, checkpoint, desc, advice, st
         kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
         return SystemExit(f"error: {message}: training stopped{kept}")
     started = time.time()
-    for it in bar:
-        try:
-            bar.set_postfix(step(it), refresh=False)
-        except NonFiniteLoss as e:
-            raise stopped(f"{e} at iteration {it + 1} (try a smaller {advice})") from None
-        done = it + 1
-        if (done % cfg.val_every == 0 or done == cfg.iterations) and RANK == 0:
-            line = {"iteration": done, **validate(), "elapsed_s": round(time.time() - started, 1)}
-            history.append(line)
-            state = checkpoint(done)
-            if not (all(torch.isfinite(v).all() for v in state["params"].values()) and
-                    all(math.isfinite(v) for v in line.values() if isinstance(v, float))):
-                raise stopped(f"non-finite parameters or validation at iteration {done} (resume with a "
-                              f"smaller step size)")
-            bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
-            if cfg.save:
-                save_checkpoint(cfg.save, state)
-        stop.check(done, cfg.save, bar, checkpoint)
+    with StopRequest() as stop:
+        for it in bar:
+            try:
+                bar.set_postfix(step(it), refresh=False)
+            except NonFiniteLoss as e:
+                raise stopped(f"{e} at iteration {it + 1} (try a smaller {advice})") from None
+            done = it + 1
+            if (done % cfg.val_every == 0 or done == cfg.iterations) and RANK == 0:
+                line = {"iteration": done, **validate(), "elapsed_s": round(time.time() - started, 1)}
+                history.append(line)
+                state = checkpoint(done)
+                if not (all(torch.isfinite(v).all() for v in state["params"].values()) and
+                        all(math.isfinite(v) for v in line.values() if isinstance(v, float))):
+                    raise stopped(f"non-finite parameters or validation at iteration {done} (resume with a "
+                                  f"smaller step size)")
+                bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+                if cfg.save:
+                    save_checkpoint(cfg.save, state)
+            stop.check(done, cfg.save, bar, checkpoint)
     bar.close()
     return checkpoint(cfg.iterations)
 

@@ -454,7 +454,7 @@ def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
         return predict(fast, problem.forward, x_s, x_q, cfg.bn_mode).softmax(-1)
 
 
-def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()):
+def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
     and nil.py train with this loop and ANIL's inner loop as `adapt`."""
     device = torch.device(cfg.device)
@@ -506,7 +506,7 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml", stop=data.NoStop()
             out["rng"]["baseline_tasks"] = b_gen.get_state()
         return out
     return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint,
-                           f"{algorithm} meta-train", "--inner-lr or --outer-lr", stop)
+                           f"{algorithm} meta-train", "--inner-lr or --outer-lr")
 
 
 def print_sinusoid_table(results, eval_steps):
@@ -579,8 +579,7 @@ def main(argv=None):
         return data.run_predict(cfg, partial(classify, params, problem, cfg))
     started = time.time()
     if not cfg.eval_only:
-        with data.StopRequest() as stop:
-            state = train(cfg, problem, state, stop=stop)
+        state = train(cfg, problem, state)
     if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
         return None
     train_seconds = time.time() - started
@@ -615,7 +614,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
-        raise SystemExit("interrupted; checkpoints on disk are as they were") from None
+    data.run(main)

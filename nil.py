@@ -218,8 +218,7 @@ def main(argv=None):
                          f"(dataset {cfg.dataset}, ways {cfg.ways})")
     started = time.time()
     if not cfg.eval_only:
-        with data.StopRequest() as stop:
-            state = maml.train(cfg, problem, state, anil.adapt, "anil", stop)
+        state = maml.train(cfg, problem, state, anil.adapt, "anil")
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(cfg.device) for k, v in state["params"].items()}
@@ -256,7 +255,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
-        raise SystemExit("interrupted; checkpoints on disk are as they were") from None
+    data.run(main)

@@ -421,7 +421,7 @@ OVERRIDABLE_FLAGS = {"maml_iterations", "test_tasks", "eval_chunk", "bn_mode", "
                      "eval_steps", "eval_inner_batch", "val_tasks", "query", "shots", "inner_lr", "meta_step_size"}
 
 
-def train(cfg, problem, sample_train, state, stop=data.NoStop()):
+def train(cfg, problem, sample_train, state):
     """Alg. 1 / Eq. (5): meta-train φ (and its inner Adam statistics, which the paper keeps)."""
     device = torch.device(cfg.device)
     params = {k: v.to(device) for k, v in state["params"].items()}
@@ -464,7 +464,7 @@ def train(cfg, problem, sample_train, state, stop=data.NoStop()):
                 "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
                 "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
     return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, "meta-train",
-                           "--inner-lr or --meta-step-size", stop)
+                           "--inner-lr or --meta-step-size")
 
 
 def train_maml_sinusoid(cfg, problem):
@@ -544,8 +544,7 @@ def main(argv=None):
 
     started = time.time()
     if not cfg.eval_only:
-        with data.StopRequest() as stop:
-            state = train(cfg, problem, sample_train, state, stop)
+        state = train(cfg, problem, sample_train, state)
     if data.RANK != 0:       # torchrun: rank 0 alone tests and writes
         return None
     train_seconds = time.time() - started
@@ -603,7 +602,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:   # outside training (which saves and stops on its own): nothing to keep
-        raise SystemExit("interrupted; checkpoints on disk are as they were") from None
+    data.run(main)

@@ -677,7 +677,7 @@ def plot_returns(path, stats, cfg, algorithm):
 # Training and main
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg, state, test_adapt, algorithm, stop=data.NoStop()):
+def train(cfg, state, test_adapt, algorithm):
     # the comparison policies train without an inner loop; pretrained is fine-tuned by the script's at test
     inner_adapt = no_inner_loop if cfg.compare in ("pretrained", "oracle") else test_adapt
     device = torch.device(cfg.device)
@@ -722,7 +722,7 @@ def train(cfg, state, test_adapt, algorithm, stop=data.NoStop()):
                 "format": 1, "best": best, "history": history,
                 "rng": {"tasks": task_rng.bit_generator.state, "sampling": generator.get_state()}}
     state = data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, f"{algorithm} {cfg.env}",
-                            "--inner-lr or --max-kl", stop)
+                            "--inner-lr or --max-kl")
     envs.close()
     return state
 
@@ -733,9 +733,9 @@ SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot",
 OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr", "max_kl"}
 
 
-def run(cfg, saved, inner_adapt, algorithm, stop=data.NoStop()):
+def run(cfg, saved, inner_adapt, algorithm):
     """The meta-RL run of maml.py and anil.py (`--env NAME`), given the merged config, the loaded
-    checkpoint (or None), the algorithm's inner loop and data.StopRequest (Ctrl-C saves and stops)."""
+    checkpoint (or None) and the algorithm's inner loop."""
     source = cfg.resume or cfg.load
     device = torch.device(cfg.device)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
@@ -755,7 +755,7 @@ def run(cfg, saved, inner_adapt, algorithm, stop=data.NoStop()):
         inner_adapt = no_inner_loop
     started = time.time()
     if not cfg.eval_only and cfg.compare != "random":
-        state = train(cfg, state, inner_adapt, algorithm, stop)
+        state = train(cfg, state, inner_adapt, algorithm)
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     best = state.get("best")
@@ -790,8 +790,7 @@ def main(argv, adapt_policy, algorithm, prog):
     data.check_session_flags(args)
     cfg = finalize_config(args)
     data.seed_everything(cfg.seed)
-    with data.StopRequest() as stop:
-        results = data.write_results(cfg.out, run(cfg, saved, adapt_policy, algorithm, stop))
+    results = data.write_results(cfg.out, run(cfg, saved, adapt_policy, algorithm))
     if cfg.plot:
         plot_returns(f"{algorithm}_{cfg.env}.png" if cfg.plot == "auto" else cfg.plot,
                      results["test"]["return_by_step"], cfg, algorithm)
