@@ -1126,6 +1126,31 @@ def plot_curves(path, curves, title, xlabel="inner gradient steps at test time",
     print(f"saved {path}")
 
 
+def plot_fits(path, grid, truth, x_s, y_s, columns):
+    """Sinusoid fits (MAML Fig. 2, Reptile Fig. 1), a row per task and a column per model: the true
+    wave, the K support points and the model's curves. grid, truth (T, P, 1); x_s, y_s (T, K, 1);
+    columns: [(title, [(label, line style, prediction (T, P, 1)), ...]), ...]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = truth.shape[0]
+    fig, axes = plt.subplots(tasks, len(columns), figsize=(4.2 * len(columns), 3 * tasks), squeeze=False,
+                             sharey=True)
+    for col, (title, curves) in enumerate(columns):
+        for t, ax in enumerate(axes[:, col]):
+            ax.plot(grid[t, :, 0], truth[t, :, 0], "r", label="ground truth")
+            for label, style, prediction in curves:
+                ax.plot(grid[t, :, 0], prediction[t, :, 0], style, label=label)
+            ax.plot(x_s[t, :, 0], y_s[t, :, 0], "^", color="purple", label=f"K = {x_s.shape[1]} points")
+            ax.set_ylim(-6, 6)          # |A| <= 5; a diverged fit leaves the frame
+        axes[0, col].set_title(title, fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"saved {path}")
+
+
 # ---- More processes or GPUs (torchrun), as nanoGPT's train.py does it ----------------------------
 # Every rank draws the same full meta-batch from the same seeded generator, adapts its own slice
 # of the tasks, and the means over tasks (the meta-gradient, Reptile's φ̃) are averaged across ranks

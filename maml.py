@@ -527,39 +527,24 @@ def print_sinusoid_table(results, eval_steps):
 def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
     """MAML Fig. 2: random test sinusoids (one per row), K = 5 points, each model before
     adaptation and after 1 and 10 steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    b = data.sinusoid_tasks(tasks, 5, 1, g, cfg.sinusoid_variant)
+    b = data.sinusoid_tasks(tasks, 5, 1, torch.Generator().manual_seed(cfg.seed + 3), cfg.sinusoid_variant)
     grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1).expand(tasks, 200, 1)
     truth = b["amplitude"][:, None, None] * torch.sin(grid - b["phase"][:, None, None])
     models = [("MAML", maml_params, cfg.inner_lr)]
     if pretrained_params is not None:
         models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
-    fig, axes = plt.subplots(tasks, len(models), figsize=(5.5 * len(models), 3 * tasks), squeeze=False)
-    for col, (name, params, lr) in enumerate(models):
-        params = {k: v.detach().cpu() for k, v in params.items()}
-        fast = {k: v.requires_grad_() for k, v in per_task(params, tasks).items()}
-        curves = {}
+    columns = []
+    for name, params, lr in models:
+        fast = {k: v.detach().cpu().expand(tasks, *v.shape).requires_grad_() for k, v in params.items()}
+        curves = []
         for step in range(11):
             if step in (0, 1, 10):
                 with torch.no_grad():
-                    curves[step] = mlp_forward(fast, grid)
+                    curves.append(("pre-update" if step == 0 else f"{step} grad step" + "s" * (step > 1),
+                                   "--" if step == 0 else "-", mlp_forward(fast, grid)))
             fast = adapt(fast, mlp_forward, mse_per_task, b["x_support"], b["y_support"], 1, lr, True)
-        for t in range(tasks):
-            ax = axes[t, col]
-            ax.plot(grid[t, :, 0], truth[t, :, 0], "r", label="ground truth")
-            for step, out in curves.items():
-                ax.plot(grid[t, :, 0], out[t, :, 0], "--" if step == 0 else "-",
-                        label="pre-update" if step == 0 else f"{step} grad step" + ("s" if step > 1 else ""))
-            ax.plot(b["x_support"][t, :, 0], b["y_support"][t, :, 0], "^", color="purple", label="K = 5 points")
-            if t == 0:
-                ax.set_title(name)
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    print(f"saved {path}")
+        columns.append((name, curves))
+    data.plot_fits(path, grid, truth, b["x_support"], b["y_support"], columns)
 
 
 def main(argv=None):

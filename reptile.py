@@ -488,9 +488,6 @@ def train_maml_sinusoid(cfg, problem):
 def plot_sinusoid(path, cfg, problem, models):
     """Fig. 1: one test sinusoid, K sampled points, each initialization before and after k test
     steps. models: {name: (φ, α, inner optimizer, its state)}, as in main()."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     g = torch.Generator().manual_seed(cfg.seed + 3)
     b = data.sinusoid_tasks(1, cfg.shots, 1, g, "reptile")
     while b["amplitude"][0] < 2.5:   # a wave tall enough to show the fit (A ~ U[0.1, 5])
@@ -498,22 +495,15 @@ def plot_sinusoid(path, cfg, problem, models):
     grid = torch.linspace(-5, 5, 200).reshape(1, 200, 1)
     truth = b["amplitude"] * torch.sin(grid - b["phase"])
     schedule = minibatch_schedule(1, cfg.shots, 0, cfg.eval_inner_batch, cfg.eval_steps, "shared", False, g)
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False, sharey=True)
-    for ax, (name, (params, lr, optimizer, state)) in zip(axes[0], models.items()):
+    columns = []
+    for name, (params, lr, optimizer, state) in models.items():
         fast = per_task({k: v.detach().cpu() for k, v in params.items()}, 1)
         after = adapt(fast, problem, b["x_support"], b["y_support"], schedule, lr, optimizer,
                       map_state(state, torch.Tensor.cpu), cfg.adam_beta1)[0]
         with torch.no_grad():
-            ax.plot(grid[0, :, 0], mlp_forward(fast, grid)[0, :, 0], "--", label="before")
-            ax.plot(grid[0, :, 0], mlp_forward(after, grid)[0, :, 0], label=f"after {cfg.eval_steps}")
-        ax.plot(grid[0, :, 0], truth[0, :, 0], "k", lw=0.8, label="true")
-        ax.plot(b["x_support"][0, :, 0], b["y_support"][0, :, 0], "o", ms=4, label="sampled")
-        ax.set_title(f"{name} (α = {lr})", fontsize=9)
-        ax.set_ylim(-5, 5)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"saved {path}")
+            columns.append((f"{name} (α = {lr})", [("before", "--", mlp_forward(fast, grid)),
+                                                    (f"after {cfg.eval_steps} steps", "-", mlp_forward(after, grid))]))
+    data.plot_fits(path, grid, truth, b["x_support"], b["y_support"], columns)
 
 
 def main(argv=None):

@@ -300,3 +300,11 @@ def test_the_image_cache_sees_a_file_replaced_in_place_and_stays_out_of_the_user
     assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
     again = data.load_image_folder_classes(root, 16, 1)
     assert not torch.equal(first.images, again.images)
+
+
+def test_an_interrupt_outside_training_ends_with_one_line():
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit, match="^interrupted; checkpoints on disk are as they were$"):
+        data.run(interrupted)
+    data.run(lambda: None)          # a finished main() returns normally
