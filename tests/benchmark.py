@@ -14,6 +14,7 @@ episode sampler's throughput at the end.
     python tests/benchmark.py                          # everything, about 10-15 min on 1 thread
     python tests/benchmark.py --settings A B --rounds 5 --no-memory
     python tests/benchmark.py --check                  # float64: every peer's meta-gradient
+    python tests/benchmark.py --profile --settings C D # where the time goes, by kernel family
     python tests/benchmark.py --device cuda --out bench.json
 
 Settings (MAML §5.1, App. A.1): A sinusoid (T=25, K=Q=10, 1 step, α=0.01), B Omniglot 5-way
@@ -322,6 +323,49 @@ def time_cell(key, order, algo, impls, rounds, warmup, device, task_chunk):
     return {"ms": ms, "ratio": ratio, "times_ms": times}
 
 
+def kernel_family(op):
+    for family, word in (("conv", "conv"), ("batchnorm", "batch_norm"), ("maxpool", "max_pool")):
+        if word in op:
+            return family
+    return "rest"          # elementwise ops (ReLU, BatchNorm's double backward), reductions, copies, Adam
+
+
+def profile_cell(key, order, algo, impls, device, task_chunk, rounds=2):
+    """--profile: the operators' own time (ms) and calls of one meta-step of each implementation,
+    summed by kernel family, averaged over `rounds` profiled rounds after two warm-up rounds. The
+    order alternates between rounds, as in time_cell: in one process, whichever runs first after a
+    new allocation pattern can be 1.5x slower in its memory-bound kernels. Batching pays by making
+    fewer, larger calls: where a family takes ours as long as the loop with fewer calls, its kernels
+    are bound by their work, not by the calls."""
+    from torch.profiler import ProfilerActivity, profile
+    s = SETTINGS[key]
+    batch = make_batch(s, torch.Generator().manual_seed(1), device, torch.float32)
+    runners = {}
+    for impl in impls:
+        tensors, step, _ = make_impl(impl, s, order, algo, initial_params(s), device, torch.float32, task_chunk)
+        runners[impl] = (step, torch.optim.Adam(tensors, lr=1e-3))
+    for _ in range(2):
+        for step, opt in runners.values():
+            step(batch, opt)
+    out = {impl: {"ms": {}, "calls": {}} for impl in impls}
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+    for r in range(rounds):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            step, opt = runners[impl]
+            with profile(activities=activities) as prof:
+                step(batch, opt)
+                sync(device)
+            ms, calls = out[impl]["ms"], out[impl]["calls"]
+            for e in prof.key_averages():
+                f = kernel_family(e.key)
+                own = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+                ms[f] = ms.get(f, 0.0) + own / 1e3 / rounds
+                calls[f] = calls.get(f, 0) + e.count / rounds
+    for impl in impls:
+        out[impl]["total_ms"] = sum(out[impl]["ms"].values())
+    return out
+
+
 def measure_memory(key, order, algo, impl, device, task_chunk, steps=2):
     """In this (fresh) process: peak memory rise over the state after building weights and batches."""
     s = SETTINGS[key]
@@ -431,6 +475,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--check", action="store_true", help="compare every peer's meta-gradient with the reference loop's")
+    p.add_argument("--profile", action="store_true", help="instead of timing: where one meta-step of ours and of "
+                   "the loop spends its time, by kernel family (convolution, BatchNorm, max-pool, the rest)")
     p.add_argument("--out", help="write every number to this JSON file")
     p.add_argument("--one", nargs=4, metavar=("SETTING", "ORDER", "ALGO", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -455,6 +501,28 @@ def main():
         print("learn2learn: not importable (it does not build from the package index on Python 3.11)")
     if args.check:
         raise SystemExit(0 if check(settings, args.orders, args.algorithms, args.task_chunk) else 1)
+
+    if args.profile:
+        cells = []
+        print("own time of each kernel family in one profiled meta-step, ms (calls); ours÷loop of each")
+        for key in settings:
+            for order in args.orders:
+                for algo in args.algorithms:
+                    prof = profile_cell(key, order, algo, ["ours", "ref"], device, args.task_chunk, args.rounds or 3)
+                    cells.append({"setting": key, "order": order, "algo": algo, "profile": prof})
+                    families = [f for f in ("conv", "batchnorm", "maxpool", "rest") if prof["ref"]["ms"].get(f)]
+                    for impl in ("ours", "ref"):
+                        r = prof[impl]
+                        print(f"{key} {order:<6} {algo:<4} {LABEL[impl]:<8} total {r['total_ms']:7.0f}  " + "  ".join(
+                            f"{f} {r['ms'].get(f, 0):6.0f} ({r['calls'].get(f, 0):6.0f})" for f in families))
+                    print(f"{key} {order:<6} {algo:<4} ours÷loop total {prof['ours']['total_ms'] / prof['ref']['total_ms']:.2f}  "
+                          + "  ".join(f"{f} {prof['ours']['ms'].get(f, 0) / prof['ref']['ms'][f]:.2f}" for f in families)
+                          + f"   the loop's share in conv+batchnorm+maxpool: "
+                          f"{1 - prof['ref']['ms'].get('rest', 0) / prof['ref']['total_ms']:.2f}", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"header": header, "args": vars(args), "cells": cells}, f, indent=1)
+        return
 
     cells = []
     for key in settings:
