@@ -20,7 +20,7 @@ Symbols, named the same in every script of this project:
     Q   query            query examples per class for the meta-update (D'_i)
     T   meta_batch_size  tasks per meta-update
 
-Run:    python maml.py            (sinusoid regression, CPU, about 3.5 minutes; --help lists every flag)
+Run:    python maml.py            (sinusoid regression, CPU, about 2.5 minutes; --help lists every flag)
         python maml.py --env navigation2d   (meta-RL, Alg. 3; see rl.py)
 """
 
@@ -313,7 +313,7 @@ def sinusoid_table(cfg, problem, maml_params, pretrained_params):
 # needs 75 BatchNorm groups per task.
 CHUNKS = {"sinusoid": dict(task_chunk=25, eval_chunk=100), "omniglot-5way": dict(task_chunk=4, eval_chunk=50),
           "omniglot-20way": dict(task_chunk=4, eval_chunk=10), "miniimagenet": dict(task_chunk=1, eval_chunk=1)}
-# `python maml.py` with no arguments takes about 3.5 minutes on one CPU thread (README); --full
+# `python maml.py` with no arguments takes about 2.5 minutes on one CPU thread (README); --full
 # gives the paper's 70k iterations.
 QUICK_SINUSOID_ITERATIONS = 30000
 

@@ -39,7 +39,8 @@ RECORD = os.environ.get("GOLDEN_RECORD") == "1"
 
 def kernel_probe():
     """A fingerprint of how this CPU's kernels round, at the golden runs' sizes (28x28 images,
-    stride-2 3x3 convolutions, 8 or 64 channels per task, 2 tasks as groups), one thread."""
+    stride-2 3x3 convolutions, 8 or 64 channels per task, 2 tasks as groups; a batched linear
+    layer), one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -51,6 +52,9 @@ def kernel_probe():
         (gw,) = torch.autograd.grad(h.pow(2).mean(), w, create_graph=True)
         (ggw,) = torch.autograd.grad(gw.pow(2).sum(), w)
         bits += [h.detach(), gw.detach(), ggw]
+    x, w = torch.randn(4, 10, 40, generator=g), torch.randn(4, 40, 40, generator=g).requires_grad_()
+    (gw,) = torch.autograd.grad(torch.relu(torch.baddbmm(x[:, :1], x, w)).pow(2).mean(), w)   # the MLPs' layers
+    bits.append(gw)
     torch.set_num_threads(threads)
     return hashlib.sha256(b"".join(t.numpy().tobytes() for t in bits)).hexdigest()[:16]
 
