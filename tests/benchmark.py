@@ -330,10 +330,10 @@ def kernel_family(op):
     return "rest"          # elementwise ops (ReLU, BatchNorm's double backward), reductions, copies, Adam
 
 
-def profile_cell(key, order, algo, impls, device, task_chunk, rounds=2):
+def profile_cell(key, order, algo, impls, device, task_chunk, rounds=4):
     """--profile: the operators' own time (ms) and calls of one meta-step of each implementation,
-    summed by kernel family, averaged over `rounds` profiled rounds after two warm-up rounds. The
-    order alternates between rounds, as in time_cell: in one process, whichever runs first after a
+    summed by kernel family, averaged over `rounds` profiled rounds after two warm-up rounds. Who
+    goes first alternates between rounds (so `rounds` is even), as in time_cell: in one process, whichever runs first after a
     new allocation pattern can be 1.5x slower in its memory-bound kernels. Batching pays by making
     fewer, larger calls: where a family takes ours as long as the loop with fewer calls, its kernels
     are bound by their work, not by the calls."""
@@ -468,7 +468,7 @@ def main():
                    help="A B C D, or sinusoid omniglot-5w1s omniglot-20w1s miniimagenet-5w1s")
     p.add_argument("--orders", nargs="+", choices=("second", "first"), default=["second", "first"])
     p.add_argument("--algorithms", nargs="+", choices=("maml", "anil"), default=["maml", "anil"])
-    p.add_argument("--rounds", type=int, help="timed rounds per cell (default: 100 A, 20 B, 4 C, 4 D)")
+    p.add_argument("--rounds", type=int, help="timed rounds per cell (default: 100 A, 20 B, 4 C, 4 D; --profile: 4)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default: 3 A, 2 B, 1 C, 1 D)")
     p.add_argument("--task-chunk", type=int, help="override ours' task_chunk (default: maml.paper_settings')")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, here and in the subprocesses")
@@ -504,11 +504,11 @@ def main():
 
     if args.profile:
         cells = []
-        print("own time of each kernel family in one profiled meta-step, ms (calls); ours÷loop of each")
+        print("own time of each kernel family per meta-step, ms (calls), mean of the profiled rounds; ours÷loop of each")
         for key in settings:
             for order in args.orders:
                 for algo in args.algorithms:
-                    prof = profile_cell(key, order, algo, ["ours", "ref"], device, args.task_chunk, args.rounds or 3)
+                    prof = profile_cell(key, order, algo, ["ours", "ref"], device, args.task_chunk, args.rounds or 4)
                     cells.append({"setting": key, "order": order, "algo": algo, "profile": prof})
                     families = [f for f in ("conv", "batchnorm", "maxpool", "rest") if prof["ref"]["ms"].get(f)]
                     for impl in ("ours", "ref"):
