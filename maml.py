@@ -535,7 +535,8 @@ def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained
         models.append((f"pretrained, step size {pretrained_lr}", pretrained_params, pretrained_lr))
     columns = []
     for name, params, lr in models:
-        fast = {k: v.detach().cpu().expand(tasks, *v.shape).requires_grad_() for k, v in params.items()}
+        on_cpu = {k: v.detach().cpu() for k, v in params.items()}
+        fast = {k: v.requires_grad_() for k, v in per_task(on_cpu, tasks).items()}
         curves = []
         for step in range(11):
             if step in (0, 1, 10):
