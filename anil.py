@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 import data
 import maml
-import rl
 from data import mean_ci
 from maml import per_task
 
@@ -152,6 +151,7 @@ POLICY_HEAD = ("fc3.w", "fc3.b", "log_std")
 
 def adapt_policy(params, episodes, inner_lr, first_order):
     """One REINFORCE step on the policy's head alone (maml.adapt_policy adapts every layer)."""
+    import rl     # meta-RL only: rl.py needs gymnasium
     net = Net(rl.policy_body, rl.policy_head, POLICY_HEAD, ("fc1", "fc2", "head"))
     return adapt(params, net, rl.reinforce_loss, rl.flat_obs(episodes), episodes, 1, inner_lr, first_order)
 
@@ -425,6 +425,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     data.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
+        import rl     # only here: the supervised runs need no gymnasium
         return rl.main(argv, adapt_policy, "anil", "anil.py")
     cfg, saved = parse(build_parser(), argv)
     if cfg.timing:

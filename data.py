@@ -528,6 +528,19 @@ def _image_files(d):
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _refuse_empty_class_folders(root, class_dirs):
+    """A folder the user made beside the class folders but left without images would otherwise be
+    dropped without a word, and the classes would be one fewer than laid out: refuse it."""
+    parents = {d.parent for d in class_dirs}
+    empty = sorted(d for p in parents for d in p.iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and d not in class_dirs
+                   and not any(c.is_relative_to(d) for c in class_dirs))
+    if empty:
+        raise DataError(f"{', '.join(str(d) for d in empty)}: no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                        f"{'this class folder' if len(empty) == 1 else 'these class folders'} beside the "
+                        f"others under {root}; add images or remove {'it' if len(empty) == 1 else 'them'}")
+
+
 def _read_user_image(p, size, channels, invert):
     """_read_image on a user's file, naming the file when it cannot be read."""
     try:
@@ -548,6 +561,7 @@ def load_image_folder_classes(root, image_size=84, channels=3, invert=False):
         raise DataError(f"found {len(class_dirs)} class folders with images under {root}; "
                         f"expected {root}/<class>/<images> or {root}/<group>/<class>/<images> "
                         f"({', '.join(IMAGE_SUFFIXES)})")
+    _refuse_empty_class_folders(root, class_dirs)
     files = {d: _image_files(d) for d in class_dirs}
     key = f"{image_size}:{channels}:{invert}:" + _fingerprint(root, [p for d in class_dirs for p in files[d]])
 
@@ -598,6 +612,7 @@ def load_prediction_sets(support_dir, queries, size, channels, invert):
     if len(classes) < 2:
         raise DataError(f"--support {support_dir}: expected at least 2 class folders <class>/<images>, found "
                         f"{len(classes)} ({', '.join(IMAGE_SUFFIXES)})")
+    _refuse_empty_class_folders(f"--support {support_dir}", [root / c for c in classes])
     paths = []
     for q in map(Path, queries):
         if q.is_dir():
@@ -891,6 +906,10 @@ def load_checkpoint(path):
                          f"(expected a dict with params, config, iteration)")
     if state.get("format", 1) > CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} was written by a newer version of this code (format {state['format']})")
+    bad = [k for k, v in state["params"].items() if not torch.isfinite(v).all()]
+    if bad:   # argmax of NaN logits is class 0: such a model would print an accuracy and exit 0
+        raise SystemExit(f"error: {path} holds non-finite parameters ({', '.join(bad)}); no test or prediction "
+                         f"can be right with it: use an earlier checkpoint")
     return state
 
 

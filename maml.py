@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import rl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +255,7 @@ def predict(fast, forward, x_s, x_q, bn_mode):
 def adapt_policy(params, episodes, inner_lr, first_order):
     """Alg. 3 lines 6-7: θ'_i = θ − α ∇θ L_Ti(f_θ), one REINFORCE step on every policy parameter
     (the mean network and log σ), on the K trajectories D_i with their advantages."""
+    import rl     # meta-RL only: rl.py needs gymnasium, which the supervised scripts do not
     return adapt(params, rl.policy_forward, rl.reinforce_loss, rl.flat_obs(episodes), episodes,
                  1, inner_lr, first_order)
 
@@ -552,6 +552,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     data.keep_freed_memory()
     if any(a == "--env" or a.startswith("--env=") for a in argv):
+        import rl     # only here: the supervised runs need no gymnasium
         return rl.main(argv, adapt_policy, "maml", "maml.py")
     cfg, saved, _ = data.parse_args(build_parser(), argv, "maml")
     cfg = finalize_config(cfg)

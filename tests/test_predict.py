@@ -90,3 +90,42 @@ def test_predict_refuses_a_support_set_that_does_not_fit_the_head(omniglot_dir, 
         maml.main(["--predict", str(query)])
     with pytest.raises(SystemExit, match="no such image or folder"):
         maml.main(["--load", str(ckpt), "--support", str(support), "--predict", str(tmp_path / "nope.png")])
+
+
+def test_an_empty_class_folder_is_refused_not_dropped(omniglot_dir, folder_dir, tmp_path):
+    """A class folder the user laid out without images must not vanish from the classes."""
+    ckpt = tmp_path / "m.pt"
+    maml.main(["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", str(WAYS), "--iterations", "1",
+               "--meta-batch-size", "2", "--val-tasks", "2", "--test-tasks", "2", "--save", str(ckpt)])
+    support, query = user_folders(tmp_path / "mine", classes=WAYS - 1)
+    (support / "letter_forgotten").mkdir()
+    for main in (maml.main, nil.main):          # NIL takes any number of classes: it would have run
+        with pytest.raises(SystemExit, match="letter_forgotten: no images"):
+            main(["--load", str(ckpt), "--support", str(support), "--predict", str(query)])
+    (folder_dir / "group0" / "class_empty").mkdir()
+    with pytest.raises(data.DataError, match="class_empty: no images"):
+        data.load_image_folder_classes(folder_dir)
+
+
+@pytest.mark.parametrize("script", ["maml", "anil", "nil", "reptile"])
+def test_a_checkpoint_with_nan_parameters_is_refused_before_use(script, omniglot_dir, tmp_path):
+    """argmax of NaN logits is class 0: such a model would print an accuracy (or NaN probabilities)
+    and exit 0. Every way of using it must stop first."""
+    ckpt = tmp_path / "m.pt"
+    tiny = ["--iterations", "1", "--meta-batch-size", "2", "--val-tasks", "2", "--test-tasks", "2"]
+    if script == "reptile":
+        tiny += ["--train-shots", "2", "--inner-steps", "3", "--inner-batch", "3", "--eval-steps", "2",
+                 "--eval-inner-batch", "3"]
+    TRAIN[script](["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", str(WAYS), *tiny,
+                   "--save", str(ckpt)])
+    state = torch.load(ckpt)
+    state["params"]["fc.w"][0, 0] = float("nan")
+    torch.save(state, ckpt)
+    support, query = user_folders(tmp_path / "mine")
+    for argv in (["--eval-only", "--load", str(ckpt)], ["--load", str(ckpt), "--support", str(support),
+                                                        "--predict", str(query)],
+                 ["--resume", str(ckpt), "--iterations", "2"]):
+        if script == "nil" and argv[0] == "--resume":
+            continue                             # nil.py does not train
+        with pytest.raises(SystemExit, match=r"non-finite parameters \(fc.w\)"):
+            PREDICT[script](argv)
