@@ -39,9 +39,9 @@ import data
 # ---------------------------------------------------------------------------------------------
 # The paper's settings (§5.1, Appendix A.1)
 # ---------------------------------------------------------------------------------------------
-# The loss is averaged over the support set. cbfinn/maml sums the cross-entropy over the N·K
-# support examples and divides by K (N times our mean), so its α is N·α here; we keep the paper's α
-# as printed (README: the α convention).
+# The values as the paper prints them. Our losses are means; cbfinn/maml's classification losses are
+# sums divided by K, so the step that produced the paper's numbers is N·α here: paper_settings()
+# converts (README: the α convention, with the measurements behind it).
 PAPER_SETTINGS = {
     # §5.1: 1 step, α = 0.01, K = 10, Adam; the reference code: meta-batch 25, β = 1e-3, 70k iterations
     "sinusoid": dict(shots=10, query=10, inner_lr=0.01, inner_steps=1, eval_steps=10,
@@ -319,7 +319,10 @@ QUICK_SINUSOID_ITERATIONS = 30000
 
 
 def paper_settings(dataset, ways, shots):
-    """PAPER_SETTINGS for a dataset, with the batching of CHUNKS (speed only)."""
+    """PAPER_SETTINGS for a dataset in our convention, with the batching of CHUNKS (speed only).
+    cbfinn/maml's inner loss is the cross-entropy summed over the N·K support examples and divided by K,
+    N times our mean, so its α is N·α here. Its outer loss sums over the N·Q queries, divided by K:
+    N·Q/K times ours, so its ±10 clip is ±10·K/(N·Q) here. The sinusoid's MSE is a mean in both."""
     if dataset == "omniglot":
         key = "omniglot-20way" if ways >= 20 else "omniglot-5way"
     else:
@@ -329,6 +332,10 @@ def paper_settings(dataset, ways, shots):
         s["query"] = shots
     elif dataset != "sinusoid":
         s["meta_batch_size"] = 4 if shots == 1 else 2
+    if dataset != "sinusoid":
+        s["inner_lr"] = round(ways * s["inner_lr"], 12)
+    if "clip_grad" in s:
+        s["clip_grad"] = round(s["clip_grad"] * shots / (ways * s["query"]), 12)
     return s
 
 
@@ -350,14 +357,16 @@ def build_parser():
     a("--shots", type=int, default=None, help="K, support examples per class (paper: 1 or 5; sinusoid: 10 points)")
     a("--query", type=int, default=None, help="Q, query examples per class for the meta-update "
       "(paper: K on Omniglot, 15 on MiniImageNet, 10 sinusoid points)")
-    a("--inner-lr", type=float, default=None, help="α, inner step size (paper: 0.01 sinusoid, 0.4 Omniglot 5-way, "
-      "0.1 20-way, 0.01 MiniImageNet), for a loss averaged over the support set")
+    a("--inner-lr", type=float, default=None, help="α, inner step size, for a loss averaged over the support set "
+      "(default: the authors' step, N × the paper's printed α, whose loss is N times ours: Omniglot 5-way 2.0 "
+      "(printed 0.4), 20-way 2.0 (printed 0.1), MiniImageNet 5-way 0.05 (printed 0.01); sinusoid 0.01)")
     a("--inner-steps", type=int, default=None, help="inner gradient steps in training (paper: 1, 5 for 20-way and MiniImageNet)")
     a("--eval-steps", type=int, default=None, help="inner steps at test time (paper: 10 sinusoid, 3 / 5 Omniglot, 10 MiniImageNet)")
     a("--outer-lr", type=float, default=None, help="β, Adam step size of the meta-update (paper code: 1e-3)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (paper: 25 sinusoid, 32 / 16 Omniglot, 4 / 2 MiniImageNet)")
     a("--clip-grad", type=float, default=None, help="clip each meta-gradient entry to ±this before Adam "
-      "(cbfinn/maml: 10 on MiniImageNet, none on Omniglot and the sinusoid; the paper does not say)")
+      "(cbfinn/maml: 10 on MiniImageNet for its summed loss, which is ±10·K/(N·Q) for our mean: the default "
+      "there; none on Omniglot and the sinusoid; the paper does not say)")
     a("--first-order", action="store_true", help="first-order MAML (§5.2): the inner gradient is a constant, "
       "no second derivatives (anil.py, nil.py: the head's inner gradient)")
     a("--iterations", type=int, default=None, help=f"meta-iterations (default: {QUICK_SINUSOID_ITERATIONS} for "

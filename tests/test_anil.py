@@ -296,7 +296,7 @@ def test_omniglot_cli_with_analyses_on_a_maml_checkpoint(omniglot_dir, tmp_path)
     p = run("--dataset", "omniglot", "--data-dir", omniglot_dir, "--ways", "3", *TINY, "--save", ckpt, "--out", out)
     assert "test_acc=" in p.stdout and "config:" in p.stdout
     r = json.loads(out.read_text())
-    assert r["config"]["inner_lr"] == 0.4 and r["iteration"] == 3
+    assert r["config"]["inner_lr"] == 1.2 and r["iteration"] == 3      # 3 × the printed 0.4, as maml.py
     assert torch.load(ckpt)["algorithm"] == "anil"
     mckpt = tmp_path / "m.pt"
     maml.main(["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", "3", *TINY, "--save", str(mckpt)])

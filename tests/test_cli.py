@@ -43,7 +43,7 @@ def test_omniglot_cli(omniglot_dir, tmp_path, extra):
     p = run("--dataset", "omniglot", "--data-dir", omniglot_dir, "--ways", "3", *TINY, *extra, "--out", out)
     assert "test_acc=" in p.stdout and "Omniglot split" in p.stdout
     r = json.loads(out.read_text())
-    assert r["config"]["query"] == 1 and r["config"]["inner_lr"] == 0.4   # the 5-way paper settings
+    assert r["config"]["query"] == 1 and r["config"]["inner_lr"] == 1.2   # N × the 5-way paper's printed 0.4
     assert 0 <= r["test"]["accuracy"] <= 1
     n_train = data.split_counts(30)[0]   # the fixture's 30 characters
     assert f"-> {n_train * (1 if extra == ['--rotate-tasks'] else 4)} /" in p.stdout

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import maml
@@ -264,3 +265,27 @@ def test_clip_grad_clamps_every_meta_gradient_entry():
         biggest = max(p.grad.abs().max().item() for p in params.values())
         assert (biggest <= 1.000001e-3) if clip else (biggest > 1e-2)   # float32 rounding of 1e-3
     assert maml.paper_settings("miniimagenet", 5, 1)["clip_grad"] == 10.0
+
+
+def test_the_presets_take_the_authors_step_in_our_loss_convention():
+    """cbfinn/maml's inner loss is the cross-entropy summed over the N·K support examples, divided by K.
+    Its step with the printed α must equal ours, on our mean loss, with the preset's α; and its ±10
+    clip of the summed outer loss (over N·Q queries, divided by K) must bind where ours does."""
+    g = torch.Generator().manual_seed(0)
+    for (dataset, ways, shots, printed) in [("omniglot", 5, 1, 0.4), ("omniglot", 20, 1, 0.1),
+                                            ("miniimagenet", 5, 1, 0.01), ("miniimagenet", 5, 5, 0.01)]:
+        s = maml.paper_settings(dataset, ways, shots)
+        assert s["inner_lr"] == pytest.approx(ways * printed)
+        params = {k: v.double().requires_grad_() for k, v in maml.init_convnet(1, 4, ways, 4, g).items()}
+        x = torch.rand(1, ways * shots, 1, 28, 28, generator=g, dtype=torch.float64)
+        y = torch.arange(ways).repeat_interleave(shots)[None]
+        out = maml.conv_forward(maml.per_task(params, 1), x, False)
+        theirs = F.cross_entropy(out[0], y[0], reduction="sum") / shots          # cbfinn's xent / K, summed
+        ours = maml.cross_entropy_per_task(out, y).sum()
+        g_theirs = torch.autograd.grad(theirs, list(params.values()), retain_graph=True)
+        g_ours = torch.autograd.grad(ours, list(params.values()))
+        for a, b in zip(g_theirs, g_ours):
+            torch.testing.assert_close(printed * a, s["inner_lr"] * b)           # the same inner step
+        if dataset == "miniimagenet":    # outer: theirs is N·Q/K times ours, so the clip scales alike
+            assert s["clip_grad"] * ways * s["query"] / shots == pytest.approx(10.0)
+    assert maml.paper_settings("sinusoid", 5, 10)["inner_lr"] == 0.01       # a mean MSE in both codes
