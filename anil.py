@@ -1,7 +1,8 @@
 """anil.py: ANIL (Almost No Inner Loop), which is MAML with the inner loop restricted to the head.
 
 Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Understanding the
-Effectiveness of MAML", ICLR 2020. The model, data, evaluation and checkpoints are maml.py's
+Effectiveness of MAML", ICLR 2020 (sections as numbered in its arXiv text; the ICLR version's
+freezing section is §3). The model, data, evaluation and checkpoints are maml.py's
 (imported, not copied), and training is maml.train with ANIL's adapt() passed in, so the lines
 that differ from maml.py are the paper's idea (diff adapt() against maml.adapt: same arguments):
 
@@ -9,7 +10,7 @@ that differ from maml.py are the paper's idea (diff adapt() against maml.adapt: 
     App. A            L_meta(θ) = Σ_b L_Z_b(f_θ'_m), the outer loop updates every layer       meta_loss()
     App. E.2, Eq. 10  the second-order term reaches the body through the head's update     tests/test_anil.py
     Table 1, E.5      meta-RL: adapt_policy() adapts the policy's head; rl.py does the rest    (--env)
-    §3, App. D.1      freezing: a block of body layers gets no inner-loop update at test    freeze_table()
+    §2, App. D.1      freezing: a block of body layers gets no inner-loop update at test    freeze_table()
     App. D.2, Fig. 4  CCA and CKA of each layer's activations before vs after the inner loop similarity()
     App. D.3, Fig. 5  per-layer Euclidean distance between θ and θ' after the inner loop   similarity()
     App. E.6, Table 4 ms per training step and per inference: MAML, FOMAML, ANIL            timing()
@@ -166,7 +167,7 @@ def evaluate(params, problem, split, tasks, seed, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# §3 / App. D.1: freezing layers at test time (Table 2)
+# §2 / App. D.1: freezing layers at test time (Table 2); §3 in the ICLR 2020 version
 # ---------------------------------------------------------------------------------------------
 
 def body_layers(params, net):
@@ -180,7 +181,7 @@ def body_layers(params, net):
 
 def adapt_unfrozen(params, forward, loss_fn, x, y, inner_steps, inner_lr, first_order, frozen=()):
     """MAML's inner loop (maml.adapt) over every parameter except the frozen ones, which are a
-    constant of the forward: the test-time freezing of §3. frozen=() is MAML; freezing the whole
+    constant of the forward: the test-time freezing of §2. frozen=() is MAML; freezing the whole
     body is ANIL's test-time inner loop."""
     held = {k: params[k] for k in frozen}
     free = {k: v for k, v in params.items() if k not in held}
@@ -206,7 +207,7 @@ def freeze_table(cfg, problem, net, params):
         curve = maml.evaluate(params, problem, "test", cfg.test_tasks, cfg.seed + 2, cfg,
                               partial(adapt_unfrozen, frozen=frozen))
         table[name] = mean_ci(curve[-1])
-    print(f"\nFreezing (§3, Table 2): {problem.metric_name} ± 95% CI over {cfg.test_tasks} test tasks, "
+    print(f"\nFreezing (§2, Table 2): {problem.metric_name} ± 95% CI over {cfg.test_tasks} test tasks, "
           f"{cfg.ways}-way {cfg.shots}-shot, {cfg.eval_steps} inner steps, α = {cfg.inner_lr}; frozen layers "
           f"get no inner-loop update, the head always adapts")
     print(f"{'frozen':<8} {'ours':>17}   paper MiniImageNet 5w1s / 5w5s")
@@ -368,7 +369,7 @@ def build_parser():
                      "take MAML's paper values for the chosen dataset (App. C), except ANIL's own MiniImageNet "
                      "length and meta-batch: 30000 iterations, 4 tasks (App. E.5).")
     a = p.add_argument
-    a("--freeze-table", action="store_true", help="§3 / App. D.1, Table 2: test accuracy when layers none, 1, 1-2, "
+    a("--freeze-table", action="store_true", help="§2 / App. D.1, Table 2: test accuracy when layers none, 1, 1-2, "
       "1-3, 1-4 get no inner-loop update at test time (the rest, head included, adapt as in MAML)")
     a("--similarity", action="store_true", help="App. D.2-D.3, Fig. 4/5: per-layer CCA, linear CKA and weight "
       "distance before vs after MAML's full inner loop, averaged over test tasks")

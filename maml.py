@@ -30,6 +30,7 @@ import sys
 import time
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -533,6 +534,51 @@ def print_sinusoid_table(results, eval_steps):
               + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
 
 
+def top_curvature(params, forward, loss_fn, x, y, generator, iterations=100):
+    """λ, the eigenvalue of largest magnitude of each task's support-loss Hessian at params (T, ...):
+    power iteration on Hessian-vector products, all tasks at once. A step of α on a quadratic moves
+    away from the minimum along an eigenvector whose αλ > 2, by |1 − αλ| per step."""
+    fast = {k: v.detach().requires_grad_() for k, v in params.items()}
+    grads = torch.autograd.grad(loss_fn(forward(fast, x), y).sum(), list(fast.values()), create_graph=True)
+    T = x.shape[0]
+
+    def per_task_dot(a, b):
+        return sum((u * w).reshape(T, -1).sum(1) for u, w in zip(a, b))
+    v = [torch.randn(g.shape, generator=generator, dtype=g.dtype) for g in grads]
+    for _ in range(iterations):
+        norm = per_task_dot(v, v).sqrt()
+        v = [u / norm.reshape(-1, *[1] * (u.dim() - 1)) for u in v]
+        hv = torch.autograd.grad(grads, list(fast.values()), v, retain_graph=True)
+        lam = per_task_dot(hv, v)            # the Rayleigh quotient of the unit vector v
+        v = [h.detach() for h in hv]
+    return lam.detach()
+
+
+def diagnose_worse_tasks(cfg, problem, params, shots=5):
+    """Why a few test tasks get worse with more steps (README, sinusoid): the tasks whose MSE after
+    the last step is at least twice that after the first, and the curvature λ of their support loss at θ'_1.
+    Returns (curve, worse task indices, λ at θ'_1), on the test tasks of sinusoid_table."""
+    batches = list(data.task_batches(problem, "test", cfg.test_tasks, cfg.eval_chunk, cfg.seed + 2,
+                                     shots=shots, query=SINUSOID_EVAL_POINTS))
+    curve = adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    theta = {k: v.detach().requires_grad_() for k, v in per_task(params, x.shape[0]).items()}
+    one_step = adapt(theta, problem.forward, problem.loss, x, y, 1, cfg.inner_lr, first_order=True)
+    lam = top_curvature(one_step, problem.forward, problem.loss, x, y, torch.Generator().manual_seed(cfg.seed))
+    worse = (curve[-1] >= 2 * curve[1]).nonzero()[0]
+    return curve, worse, lam.cpu().numpy()
+
+
+def print_diagnosis(cfg, curve, worse, lam, shots=5):
+    edge = lam * cfg.inner_lr > 2
+    rest = [i for i in range(curve.shape[1]) if i not in set(worse.tolist())]
+    print(f"K = {shots}: {len(worse)} of {curve.shape[1]} test tasks are at least twice as bad after {cfg.eval_steps} steps as after 1, "
+          f"{int(edge[worse].sum())} of them with αλ > 2 at θ'_1 ({int(edge.sum())} of all tasks); λ: the top "
+          f"curvature of the support loss, α = {cfg.inner_lr}. Without them, MSE after 1 / {cfg.eval_steps} steps: "
+          f"{curve[1][rest].mean():.3f} / {curve[-1][rest].mean():.3f}; median of all: "
+          f"{float(np.median(curve[1])):.3f} / {float(np.median(curve[-1])):.3f}")
+
+
 def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
     """MAML Fig. 2: random test sinusoids (one per row), K = 5 points, each model before
     adaptation and after 1 and 10 steps."""
@@ -588,6 +634,8 @@ def main(argv=None):
         pretrained = {k: v.to(device) for k, v in pretrained.items()} if pretrained else None
         table = sinusoid_table(cfg, problem, params, pretrained)
         print_sinusoid_table(table, cfg.eval_steps)
+        if cfg.eval_steps > 1:
+            print_diagnosis(cfg, *diagnose_worse_tasks(cfg, problem, params))
         results["test"] = {f"K={K}": {name: [data.mean_ci(r) for r in curve] for name, curve in entry.items()
                                       if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
                            for K, entry in table.items()}

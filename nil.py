@@ -1,12 +1,13 @@
 """nil.py: NIL (No Inner Loop), which is ANIL with the head removed at test time.
 
 Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Understanding the
-Effectiveness of MAML", ICLR 2020, §5 and Appendix F. Training is anil.py's (imported); only the
+Effectiveness of MAML", ICLR 2020, §4 and Appendix F (sections as numbered in the
+arXiv text; the ICLR 2020 version numbers NIL §5). Training is anil.py's (imported); only the
 test-time classifier is new:
 
-    §5 step 1          train with ANIL (maml.train, anil.adapt), or load an anil.py / maml.py checkpoint  main()
-    §5 step 2          drop the head; embed support and query sets with the body         nil_predict()
-    §5 step 2, [30]    ŷ = Σ_i softmax_i(cos(f(x̂), f(x_i))) y_i  (matching networks)     cosine_classify()
+    §4 step 1          train with ANIL (maml.train, anil.adapt), or load an anil.py / maml.py checkpoint  main()
+    §4 step 2          drop the head; embed support and query sets with the body         nil_predict()
+    §4 step 2, [30]    ŷ = Σ_i softmax_i(cos(f(x̂), f(x_i))) y_i  (matching networks)     cosine_classify()
     Table 1 (bottom)   NIL accuracy next to the head's (ANIL or MAML) on the same tasks  main()
     App. F, Table 5    bodies from MAML, ANIL, multiclass and multitask training and     head_body_table()
                        random init, each tested with a MAML head and with a NIL head
@@ -49,7 +50,7 @@ PAPER_TABLE5 = {("MAML training", "MAML head"): "46.9 / 63.1", ("MAML training",
 
 
 # ---------------------------------------------------------------------------------------------
-# NIL's test-time classifier (§5): ANIL's body, no head, the cosine vote
+# NIL's test-time classifier (§4): ANIL's body, no head, the cosine vote
 # ---------------------------------------------------------------------------------------------
 
 def cosine_classify(f_s, y_s, f_q, ways):
@@ -61,7 +62,7 @@ def cosine_classify(f_s, y_s, f_q, ways):
 
 
 def nil_predict(params, net, x_s, y_s, x_q, ways, bn_mode="transductive"):
-    """§5: the head is never used. The support and query sets go through the body alone, with
+    """§4: the head is never used. The support and query sets go through the body alone, with
     the same BatchNorm batches as maml.predict (transductive: the query set together)."""
     f_s = net.body(params, x_s)                                                  # (T, N*K, D)
     f_q = predict(params, net.body, x_s, x_q, bn_mode)                           # (T, M, D)
@@ -121,7 +122,7 @@ def multiclass_pretrain(cfg, init, net, split, generator):
 def multitask_pretrain(cfg, problem, init, generator):
     """Multitask training (App. F): one shared N-way head over all training tasks and no inner loop,
     so label j means a different class in every task (the labels are not aligned). This is
-    maml.pretrain_step, the sinusoid baseline of MAML §5.1, on episodes."""
+    maml.pretrain_step, the sinusoid baseline of MAML §4.1, on episodes."""
     params = {k: v.clone().to(cfg.device).requires_grad_() for k, v in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     for _ in tqdm(range(cfg.pretrain_iterations), desc="multitask training", dynamic_ncols=True, mininterval=1):
@@ -173,7 +174,7 @@ NIL_FLAGS = {"head_body", "maml_checkpoint", "pretrain_iterations", "pretrain_ba
 
 def build_parser():
     p = maml.build_parser()
-    p.description = ("NIL (Raghu et al. 2020, §5): ANIL training, then a test with no head and no inner loop. "
+    p.description = ("NIL (Raghu et al. 2020, §4): ANIL training, then a test with no head and no inner loop. "
                      "Flags left unset take MAML's paper values (App. C).")
     p.set_defaults(dataset="omniglot")         # NIL is a classifier: no sinusoid
     a = p.add_argument
@@ -198,7 +199,7 @@ def main(argv=None):
         raise SystemExit("error: NIL classifies by cosine similarity to labelled support examples; "
                          "use --dataset omniglot, miniimagenet or folder")
     problem, net, state = anil.setup(cfg, saved)
-    if cfg.predict:     # §5: no head and no inner loop, so a support set of any number of classes
+    if cfg.predict:     # §4: no head and no inner loop, so a support set of any number of classes
         params = per_task({k: v.to(cfg.device) for k, v in state["params"].items()}, 1)
 
         def vote(x_s, y_s, x_q):
@@ -223,7 +224,7 @@ def main(argv=None):
                "iteration": state["iteration"], "history": state.get("history", [])}
     params = {k: v.to(cfg.device) for k, v in state["params"].items()}
 
-    # §5 / Table 1: NIL and the trained head on the same test tasks (seed + 2, maml.py's tasks)
+    # §4 / Table 1: NIL and the trained head on the same test tasks (seed + 2, maml.py's tasks)
     head, nil = accuracies(cfg, problem, net, params, algorithm)
     (hm, hc), (nm, nc), (dm, dc) = mean_ci(head), mean_ci(nil), mean_ci(nil - head)
     print(f"\nmeta-test: the same {cfg.test_tasks} tasks, {cfg.ways}-way {cfg.shots}-shot, {cfg.bn_mode} BatchNorm")
