@@ -451,7 +451,7 @@ def main(argv=None):
               f"(the 'frozen 1-4' row of the freezing table)")
     if cfg.predict:
         params = {k: v.to(cfg.device) for k, v in state["params"].items()}
-        return data.run_predict(cfg, partial(maml.classify, params, problem, cfg, adapt=adapt))
+        return data.run_predict(cfg, partial(maml.classify, params, problem, cfg, inner_loop=adapt))
 
     started = time.time()
     if not cfg.eval_only:

@@ -113,7 +113,9 @@ def conv_body(params, x, max_pool, activations=None):
     """The four conv blocks: x (T, B, C, H, W) -> features (T, B, D), the T tasks side by side as the
     channel groups of one grouped convolution. Omniglot (max_pool=False): 64 filters, stride-2 convs,
     the global average -> 64-d. MiniImageNet: 32 filters, 2x2 max-pools, flattened -> 800-d.
-    A list given as `activations` collects each block's output (T, B, C, H, W) (anil.py's CCA/CKA)."""
+    A list given as `activations` collects each block's output (T, B, C, H, W) (anil.py's CCA/CKA).
+    It equals `for t in range(T): conv2d(x[t], w[t]) -> batch_norm -> relu` per task, each with its own
+    BatchNorm statistics: tests/test_maml.py::test_batched_tasks_equal_one_task_at_a_time (float64)."""
     T, B = x.shape[:2]
     h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])   # (B, T*C, H, W)
     for i in range(1, 5):
@@ -175,17 +177,17 @@ def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
     return fast
 
 
-def meta_loss(params, problem, batch, cfg, adapt=adapt):
+def meta_loss(params, problem, batch, cfg, inner_loop=adapt):
     """Σ_i L_Ti(f_θ'_i) on the query sets D'_i (Alg. 2 line 10), averaged over the T tasks as the
-    reference code does, and the per-task query metric. anil.py passes its inner loop as `adapt`."""
+    reference code does, and the per-task query metric. anil.py passes its inner loop as `inner_loop`."""
     x_s, y_s, x_q, y_q = batch
-    fast = adapt(per_task(params, x_s.shape[0]), problem.forward, problem.loss, x_s, y_s,
+    fast = inner_loop(per_task(params, x_s.shape[0]), problem.forward, problem.loss, x_s, y_s,
                  cfg.inner_steps, cfg.inner_lr, cfg.first_order)
     out = problem.forward(fast, x_q)
     return problem.loss(out, y_q).mean(), problem.metric(out.detach(), y_q)
 
 
-def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
+def meta_step(params, optimizer, problem, batch, cfg, inner_loop=adapt):
     """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. `task_chunk` tasks at a time, each
     chunk's graph freed by its own backward pass (the same gradient for any chunk size). A
     non-finite loss is refused before it can touch θ."""
@@ -195,7 +197,7 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
     total, metrics = 0.0, []
     for start in range(0, tasks, chunk):
         part = tuple(b[start:start + chunk] for b in batch)
-        loss, metric = meta_loss(params, problem, part, cfg, adapt)
+        loss, metric = meta_loss(params, problem, part, cfg, inner_loop)
         weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
         (loss * weight).backward()
         total += loss.item() * weight
@@ -215,23 +217,23 @@ def meta_step(params, optimizer, problem, batch, cfg, adapt=adapt):
 # Evaluation: the adaptation curve on unseen tasks (Fig. 3), mean ± 95% CI; §5.1's baseline
 # ---------------------------------------------------------------------------------------------
 
-def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive", adapt=adapt):
+def adaptation_curve(params, problem, batches, inner_lr, eval_steps, bn_mode="transductive", inner_loop=adapt):
     """Per-task metric after 0, 1, ..., eval_steps inner steps: a (steps+1, tasks) array."""
     rows = [[] for _ in range(eval_steps + 1)]
     for x_s, y_s, x_q, y_q in batches:
         fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
         for step in range(eval_steps + 1):
             if step > 0:
-                fast = adapt(fast, problem.forward, problem.loss, x_s, y_s, 1, inner_lr, first_order=True)
+                fast = inner_loop(fast, problem.forward, problem.loss, x_s, y_s, 1, inner_lr, first_order=True)
             with torch.no_grad():
                 rows[step].append(problem.metric(predict(fast, problem.forward, x_s, x_q, bn_mode), y_q).cpu())
     return torch.stack([torch.cat(r) for r in rows]).numpy()
 
 
-def evaluate(params, problem, split, tasks, seed, cfg, adapt=adapt):
+def evaluate(params, problem, split, tasks, seed, cfg, inner_loop=adapt):
     """The adaptation curve on a fixed, seeded set of tasks of `split` (seed + 1 val, seed + 2 test)."""
     batches = data.task_batches(problem, split, tasks, cfg.eval_chunk, seed)
-    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, adapt)
+    return adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps, cfg.bn_mode, inner_loop)
 
 
 def predict(fast, forward, x_s, x_q, bn_mode):
@@ -455,18 +457,18 @@ def setup(cfg, saved):
     return problem, saved
 
 
-def classify(params, problem, cfg, x_s, y_s, x_q, adapt=adapt):
+def classify(params, problem, cfg, x_s, y_s, x_q, inner_loop=adapt):
     """--predict: class probabilities (T, M, N) of the queries after the test-time inner loop on the
     support set (eval_steps steps of α, first order as at test), with --bn-mode's BatchNorm batches."""
     fast = {k: v.detach().requires_grad_() for k, v in per_task(params, x_s.shape[0]).items()}
-    fast = adapt(fast, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, first_order=True)
+    fast = inner_loop(fast, problem.forward, problem.loss, x_s, y_s, cfg.eval_steps, cfg.inner_lr, first_order=True)
     with torch.no_grad():
         return predict(fast, problem.forward, x_s, x_q, cfg.bn_mode).softmax(-1)
 
 
-def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
+def train(cfg, problem, state, inner_loop=adapt, algorithm="maml"):
     """Alg. 2: meta-train θ (and, for the sinusoid, the pretrained baseline beside it). anil.py
-    and nil.py train with this loop and ANIL's inner loop as `adapt`."""
+    and nil.py train with this loop and ANIL's inner loop as `inner_loop`."""
     device = torch.device(cfg.device)
     params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
@@ -491,7 +493,7 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
         nonlocal running
         # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
         batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
-        loss, metric = meta_step(params, optimizer, problem, batch, cfg, adapt)
+        loss, metric = meta_step(params, optimizer, problem, batch, cfg, inner_loop)
         if baseline:
             pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
         running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
@@ -501,7 +503,7 @@ def train(cfg, problem, state, adapt=adapt, algorithm="maml"):
     def validate():
         line = {"train_loss": round(running[0], 5), f"train_{problem.metric_name}": round(running[1], 5)}
         if problem.has_val:
-            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, adapt)
+            curve = evaluate(params, problem, "val", cfg.val_tasks, cfg.seed + 1, cfg, inner_loop)
             line[f"val_{problem.metric_name}"] = round(float(curve[-1].mean()), 5)
         return line
 

@@ -3,7 +3,7 @@
 Not collected by pytest (its name does not start with test_). For each setting × order × algorithm
 it times, interleaved round by round after a warm-up, on the same initial weights and the same
 batches, each with its own Adam (β = 1e-3) on its own copy of the weights:
-    ours      maml.meta_step (adapt=maml.adapt, or anil.adapt for ANIL), the preset's task_chunk
+    ours      maml.meta_step (inner_loop=maml.adapt, or anil.adapt for ANIL), the preset's task_chunk
     ref-loop  tests/reference.py: torch's layers on one task at a time, autograd.grad inner loop
     higher    higher.innerloop_ctx on an nn.Module copy of the network, one task at a time
               (only when `import higher` works; `pip install higher`)
@@ -221,7 +221,7 @@ def make_impl(impl, s, order, algo, init, device, dtype, task_chunk=None):
             cfg = SimpleNamespace(inner_steps=s["steps"], inner_lr=s["inner_lr"], first_order=first_order,
                                   task_chunk=chunk, clip_grad=None)
             problem, adapt = our_problem(s, algo), (anil.adapt if anil_ else maml.adapt)
-            step = lambda b, opt: maml.meta_step(params, opt, problem, b, cfg, adapt=adapt)  # noqa: E731
+            step = lambda b, opt: maml.meta_step(params, opt, problem, b, cfg, inner_loop=adapt)  # noqa: E731
         else:
             kind = "conv" if is_image(s) else "mlp"
             step = lambda b, opt: reference.meta_step(params, opt, b, kind, s["steps"], s["inner_lr"],  # noqa: E731

@@ -302,7 +302,7 @@ def test_omniglot_cli_with_analyses_on_a_maml_checkpoint(omniglot_dir, tmp_path)
     maml.main(["--dataset", "omniglot", "--data-dir", str(omniglot_dir), "--ways", "3", *TINY, "--save", str(mckpt)])
     p = run("--eval-only", "--load", mckpt, "--freeze-table", "--similarity", "--similarity-tasks", "3",
             "--similarity-query", "2", *(["--plot", fig] if HAVE_MATPLOTLIB else []), "--out", out)
-    assert "trained by maml.py" in p.stdout and "Freezing (§3, Table 2)" in p.stdout and "1-4" in p.stdout
+    assert "trained by maml.py" in p.stdout and "Freezing (§2, Table 2)" in p.stdout and "1-4" in p.stdout
     assert "conv4" in p.stdout and (not HAVE_MATPLOTLIB or fig.stat().st_size > 5000)
     r = json.loads(out.read_text())
     assert {"none", "1", "1-2", "1-3", "1-4"} < set(r["freeze_table"]) and "cka" in r["similarity"]

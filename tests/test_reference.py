@@ -81,9 +81,9 @@ def ours(model, algo, first_order, path):
     cfg = SimpleNamespace(inner_steps=STEPS, inner_lr=inner_lr, first_order=first_order,
                           task_chunk=chunk, clip_grad=None)
     if path == "meta_loss":
-        maml.meta_loss(params, problem(model, algo), batch, cfg, adapt=adapt)[0].backward()
+        maml.meta_loss(params, problem(model, algo), batch, cfg, inner_loop=adapt)[0].backward()
     else:
-        maml.meta_step(params, NoStep(list(params.values())), problem(model, algo), batch, cfg, adapt=adapt)
+        maml.meta_step(params, NoStep(list(params.values())), problem(model, algo), batch, cfg, inner_loop=adapt)
     return {k: v.grad for k, v in params.items()}
 
 
