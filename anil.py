@@ -119,7 +119,7 @@ def make_net(cfg, problem):
 
 def adapt(params, net, loss_fn, x, y, inner_steps, inner_lr, first_order):
     """θ' for every task of the batch: the head takes `inner_steps` steps, the body none.
-    maml.adapt with three lines changed: the body's features are computed once, outside the
+    maml.adapt with three changes, in six lines: the body's features are computed once, outside the
     loop (the body does not change); the gradient is taken w.r.t. the head only, so the inner
     backward pass stops at the features (the savings of Table 4); the body comes back untouched."""
     features = net.body(params, x)                                   # (T, N*K, D)

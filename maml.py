@@ -188,29 +188,11 @@ def meta_loss(params, problem, batch, cfg, inner_loop=adapt):
 
 
 def meta_step(params, optimizer, problem, batch, cfg, inner_loop=adapt):
-    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. `task_chunk` tasks at a time, each
-    chunk's graph freed by its own backward pass (the same gradient for any chunk size). A
-    non-finite loss is refused before it can touch θ."""
-    tasks = batch[0].shape[0]
-    chunk = cfg.task_chunk or tasks
+    """Alg. 2 line 10: θ ← θ − β ∇θ Σ_i L_Ti(f_θ'_i), with Adam. Returns the meta-loss and metric."""
     optimizer.zero_grad(set_to_none=True)
-    total, metrics = 0.0, []
-    for start in range(0, tasks, chunk):
-        part = tuple(b[start:start + chunk] for b in batch)
-        loss, metric = meta_loss(params, problem, part, cfg, inner_loop)
-        weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
-        (loss * weight).backward()
-        total += loss.item() * weight
-        metrics.append(metric)
-    stats = torch.tensor([total, torch.cat(metrics).mean().item()], dtype=torch.float64, device=batch[0].device)
-    data.all_reduce_mean([p.grad for p in params.values()] + [stats], tasks)   # torchrun: all ranks' tasks
-    if not torch.isfinite(stats[0]):            # checked after the all_reduce, so that every rank stops
-        raise data.NonFiniteLoss(f"the meta-loss is {stats[0].item()}")
-    if getattr(cfg, "clip_grad", None):         # the reference code's MiniImageNet setting
-        for p in params.values():
-            p.grad.clamp_(-cfg.clip_grad, cfg.clip_grad)
-    optimizer.step()
-    return stats[0].item(), stats[1].item()
+    loss, metric = backward_meta_loss(params, problem, batch, cfg, inner_loop)   # ∇θ Σ_i L_Ti(f_θ'_i) in .grad
+    optimizer.step()                                                             # θ ← θ − β Adam(∇θ)
+    return loss, metric
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +516,31 @@ def print_sinusoid_table(results, eval_steps):
     if "pretrained_lr" in next(iter(results.values())):
         print("pretrained fine-tuning α (tuned on validation tasks): "
               + ", ".join(f"K={K}: {e['pretrained_lr']}" for K, e in results.items()))
+
+
+def backward_meta_loss(params, problem, batch, cfg, inner_loop=adapt):
+    """meta_step's gradient, ∇θ of the meta-loss averaged over the tasks, left in θ's .grad. How,
+    which the paper does not need to say: `task_chunk` tasks at a time, each chunk's graph freed by
+    its own backward pass (the same gradient for any chunk size); under torchrun, averaged over every
+    rank's tasks; a non-finite loss refused before it can reach θ; clipped where --clip-grad says."""
+    tasks = batch[0].shape[0]
+    chunk = cfg.task_chunk or tasks
+    total, metrics = 0.0, []
+    for start in range(0, tasks, chunk):
+        part = tuple(b[start:start + chunk] for b in batch)
+        loss, metric = meta_loss(params, problem, part, cfg, inner_loop)
+        weight = part[0].shape[0] / tasks           # chunk means -> the mean over the meta-batch
+        (loss * weight).backward()
+        total += loss.item() * weight
+        metrics.append(metric)
+    stats = torch.tensor([total, torch.cat(metrics).mean().item()], dtype=torch.float64, device=batch[0].device)
+    data.all_reduce_mean([p.grad for p in params.values()] + [stats], tasks)   # torchrun: all ranks' tasks
+    if not torch.isfinite(stats[0]):            # checked after the all_reduce, so that every rank stops
+        raise data.NonFiniteLoss(f"the meta-loss is {stats[0].item()}")
+    if getattr(cfg, "clip_grad", None):         # the reference code's MiniImageNet setting
+        for p in params.values():
+            p.grad.clamp_(-cfg.clip_grad, cfg.clip_grad)
+    return stats[0].item(), stats[1].item()
 
 
 def top_curvature(params, forward, loss_fn, x, y, generator, iterations=100):
