@@ -66,9 +66,11 @@ PAPER_SETTINGS = {
     "miniimagenet": dict(inner_optimizer="adam", inner_lr=0.001, inner_batch=10, inner_steps=8,
                          train_shots=15, meta_step_size=1.0, iterations=100000, meta_batch_size=5,
                          eval_steps=50, eval_inner_batch=5),   # eval inner batch 15 for 5-shot
-    # §4 gives the task (10 points, 32 test steps, 1→64→64→1) but no training values; these are the
-    # ones of the authors' sinusoid demo that accompanied the paper (OpenAI, "Reptile", 2018):
-    # SGD α = 0.02, one pass over 50 points in mini-batches of 10, ε = 0.1 annealed, 30k iterations.
+    # §4 gives the task (10 points, 32 test steps, 1→64→64→1) but no training values; the step sizes
+    # and counts are those of the authors' sinusoid demo (OpenAI, "Reptile", 2018): SGD α = 0.02, one
+    # pass over 50 points in mini-batches of 10, ε = 0.1 annealed, 30k iterations. Its data and network
+    # are not: the demo trains a tanh network on 50 evenly spaced points; ours is ReLU (MAML's) on 50
+    # points drawn from U[−5, 5], as §4 samples them (README: differences).
     "sinusoid": dict(inner_optimizer="sgd", inner_lr=0.02, inner_batch=10, inner_steps=5,
                      train_shots=50, meta_step_size=0.1, iterations=30000, meta_batch_size=1,
                      eval_steps=32, eval_inner_batch=10, shots=10),
