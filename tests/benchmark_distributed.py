@@ -5,7 +5,7 @@ and MiniImageNet 5-way 1-shot (meta-batch 4, 5 steps), random images, the same b
 The 2-process run splits each meta-batch between the ranks and all-reduces the meta-gradient, as
 `torchrun --standalone --nproc_per_node=2 maml.py ...` does.
 
-    python tests/benchmark_distributed.py                 # about 3 minutes on 2 CPU cores
+    python tests/benchmark_distributed.py --out results/benchmark_distributed_cpu.json   # about 3 minutes, 2 cores
     python tests/benchmark_distributed.py --processes 4 --threads-single 4
 """
 
@@ -70,6 +70,7 @@ def main():
     p.add_argument("--processes", type=int, default=2, help="ranks of the torchrun side, 1 thread each")
     p.add_argument("--threads-single", type=int, default=2, help="threads of the single process")
     p.add_argument("--reps", type=int, default=10, help="timed meta-iterations per measurement")
+    p.add_argument("--out", default=None, help="write the table's numbers to this JSON file (the README's ledger)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -82,6 +83,7 @@ def main():
           f"| speed-up |")
     print("|---|---|---|---|")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    rows = []
     for name in args.settings:
         single = [sys.executable, __file__, "--worker", name, "--reps", str(args.reps)]
         multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
@@ -93,6 +95,12 @@ def main():
                 raise SystemExit(out.stderr[-3000:])
             ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
         print(f"| {name} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[0] / ms[1]:.2f}× |")
+        rows.append({"setting": name, "single_ms": ms[0], "multi_ms": ms[1], "speedup": ms[0] / ms[1]})
+    if args.out:
+        header = {"torch": torch.__version__, "cores": os.cpu_count(), "cpu": cpu, "processes": args.processes,
+                  "threads_single": args.threads_single, "reps": args.reps}
+        Path(args.out).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

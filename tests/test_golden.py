@@ -212,6 +212,9 @@ def test_reptile_meta_update():
     new, state, _, _ = reptile.meta_step(params, reptile.init_inner_state(params), problem,
                                          (x, y, x[:, :0], y[:, :0]), cfg, schedule, 0.5)
     check("reptile meta-update", summary({k: new[k] - params[k] for k in params}) | summary(state["v"]))
+    # Adam normalizes the update, so a changed constant upstream (BatchNorm's ε) can move it by less
+    # than the fallback's rtol; with β1 = 0, m is the last inner gradient itself, before Adam
+    check("reptile inner gradient before Adam", summary(state["m"]))
 
 
 def test_rl_meta_gradient():
