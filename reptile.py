@@ -175,29 +175,17 @@ def adapt(fast, problem, x, y, schedule, inner_lr, optimizer, state=None, beta1=
 
 
 def meta_step(params, state, problem, batch, cfg, schedule, epsilon):
-    """One outer iteration on n = T tasks. Returns the new φ, the new inner-optimizer state, and
-    the per-task loss and metric of the last inner mini-batch (at φ_k, before its step).
-    Nothing passed in is modified."""
-    x, y, x_tail, y_tail = batch
-    if cfg.tail == "separate":
-        x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
+    """Alg. 1 lines 4-5 for n = T tasks: φ̃_i = U^k_τi(φ) for each, then Eq. (5). Returns the new φ, the
+    new inner-optimizer state, and the per-task loss and metric of the last inner mini-batch (at φ_k,
+    before its step). Nothing passed in is modified."""
+    x, y = task_examples(batch, cfg)
+    # Alg. 1 line 4: φ̃_i = U^k_τi(φ), the n tasks side by side from the same φ
     fast, updates, new_state, loss, metric = adapt(per_task(params, x.shape[0]), problem, x, y, schedule,
                                                    cfg.inner_lr, cfg.inner_optimizer, state, cfg.adam_beta1)
-    chosen = parse_combination(cfg.combination, len(updates))
-    if chosen == list(range(len(updates))) and cfg.combine == "sum":
-        # Reptile: Σ_i u_i = φ̃ − φ, so the target is φ̃_i itself (Alg. 1 line 4)
-        target = fast
-    else:
-        # §6.2 / Eq. (38): φ moved by the chosen updates only, e.g. FOMAML: φ + u_k = φ − α g_k
-        scale = 1.0 / len(chosen) if cfg.combine == "mean" else 1.0
-        target = {k: params[k] + scale * sum(updates[i][k] for i in chosen) for k in params}
-    # The n tasks ran side by side from the same statistics; the reference code runs them one
-    # after another. We keep the mean of their statistics, as Eq. (5) keeps the mean of the φ̃_i.
-    mean_target, new_state = {k: target[k].mean(0) for k in params}, map_state(new_state, lambda v: v.mean(0))
-    inner = loss.sum().double().reshape(1)        # all-reduced too, so that a NaN stops every torchrun rank
-    data.all_reduce_mean(list(mean_target.values()) + state_tensors(new_state) + [inner], x.shape[0])
-    if not torch.isfinite(inner).all():
-        raise NonFiniteLoss(f"the inner loss is {inner.item()}")
+    # plain Reptile moves toward φ̃_i itself; §6.2's variants toward φ plus the chosen inner updates
+    target = fast if is_plain_reptile(cfg, len(updates)) else combined_target(params, updates, cfg)
+    # (1/n) Σ_i φ̃_i, over every torchrun rank's tasks too (the inner optimizer's statistics alike)
+    mean_target, new_state = mean_over_tasks(target, new_state, loss, x.shape[0])
     # Eq. (5): φ ← φ + ε (1/n) Σ_i (φ̃_i − φ), written as a lerp so that ε = 1 lands exactly on
     # the mean of the φ̃_i (Alg. 1 line 5 is n = 1; Eq. 47: (1 − ε) φ + ε φ̃)
     new_params = {k: torch.lerp(params[k], mean_target[k], epsilon) for k in params}
@@ -308,6 +296,40 @@ def build_parser():
     a("--maml-iterations", type=int, default=10000, help="sinusoid --plot: meta-iterations of the MAML "
       "panel of Fig. 1 (maml.py's second-order MAML, its §5.1 settings)")
     return p
+
+
+def task_examples(batch, cfg):
+    """Each task's examples for the inner loop: the training ones, then the separate tail's (§6.3)."""
+    x, y, x_tail, y_tail = batch
+    if cfg.tail == "separate":
+        x, y = torch.cat([x, x_tail], 1), torch.cat([y, y_tail], 1)   # (T, train + tail, ...)
+    return x, y
+
+
+def is_plain_reptile(cfg, k):
+    """Every inner update, summed: Σ_i u_i = φ̃ − φ, so the target is φ̃_i itself."""
+    return parse_combination(cfg.combination, k) == list(range(k)) and cfg.combine == "sum"
+
+
+def combined_target(params, updates, cfg):
+    """§6.2 / Eq. (38): φ moved by the chosen inner updates only, summed or averaged; e.g. FOMAML:
+    φ + u_k = φ − α g_k."""
+    chosen = parse_combination(cfg.combination, len(updates))
+    scale = 1.0 / len(chosen) if cfg.combine == "mean" else 1.0
+    return {k: params[k] + scale * sum(updates[i][k] for i in chosen) for k in params}
+
+
+def mean_over_tasks(target, state, loss, tasks):
+    """Eq. (5)'s mean of the n targets, and of the inner Adam statistics: the n tasks ran side by side
+    from the same statistics (the reference code runs them one after another), so we keep their
+    mean, as Eq. (5) keeps the mean of the φ̃_i. Under torchrun, over every rank's tasks. A
+    non-finite inner loss stops every rank before φ moves."""
+    mean_target, state = {k: v.mean(0) for k, v in target.items()}, map_state(state, lambda v: v.mean(0))
+    inner = loss.sum().double().reshape(1)        # all-reduced too, so that a NaN stops every torchrun rank
+    data.all_reduce_mean(list(mean_target.values()) + state_tensors(state) + [inner], tasks)
+    if not torch.isfinite(inner).all():
+        raise NonFiniteLoss(f"the inner loss is {inner.item()}")
+    return mean_target, state
 
 
 def parse_combination(text, k):

@@ -1,0 +1,93 @@
+"""A mutation check you can re-run (not collected by pytest): break the code on purpose, one change at a
+time, in a scratch copy of the tracked files, run the tests, and list which tests caught each change.
+
+    python tests/mutations.py                 # each mutation against the test files that guard it
+    python tests/mutations.py --full          # each mutation against the whole suite (the README's command)
+    python tests/mutations.py --only eps      # the mutations whose name contains 'eps'
+
+A mutation that no test catches exits non-zero: it names a README claim or a property with no guard.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name, file, the exact text, its replacement, the test files that should catch it
+MUTATIONS = [
+    ("test steps α then α/2 -> α throughout", "rl.py",
+     "lr = cfg.inner_lr if step == 0 else cfg.inner_lr / 2", "lr = cfg.inner_lr",
+     ["tests/test_rl_protocol.py"]),
+    ("the best validated model -> the last iterate", "rl.py",
+     'chosen = best["params"] if best and not cfg.last else state["params"]', 'chosen = state["params"]',
+     ["tests/test_rl_protocol.py"]),
+    ("torchrun's all_reduce mean × world size", "data.py",
+     "t.copy_((flat[offset:offset + t.numel()] / flat[-1]).view_as(t))",
+     "t.copy_((flat[offset:offset + t.numel()] / flat[-1] * WORLD).view_as(t))",
+     ["tests/test_distributed.py"]),
+    ("BatchNorm eps 1e-5 -> 1e-4", "maml.py",
+     "def batch_norm(h, weight, bias, eps=1e-5):", "def batch_norm(h, weight, bias, eps=1e-4):",
+     ["tests/test_golden.py"]),
+    ("the first-order flag ignored", "maml.py",
+     "grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=not first_order)",
+     "grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)",
+     ["tests/test_maml.py", "tests/test_reference.py"]),
+    ("Reptile's outer step ε doubled", "reptile.py",
+     "return cfg.meta_step_size * (1.0 - iteration / cfg.iterations)",
+     "return 2 * cfg.meta_step_size * (1.0 - iteration / cfg.iterations)",
+     ["tests/test_reptile.py", "tests/test_golden.py"]),
+    ("a README cell swapped (MAML's 1-step and 2-step returns)", "README.md",
+     "| MAML | −35.13 ± 4.58 | −13.18 ± 1.95 | −7.40 ± 1.16 |", "| MAML | −35.13 ± 4.58 | −7.40 ± 1.16 | −13.18 ± 1.95 |",
+     ["tests/test_readme_results.py"]),
+    ("the preset α back to the printed value", "maml.py",
+     's["inner_lr"] = round(ways * s["inner_lr"], 12)', 's["inner_lr"] = s["inner_lr"]',
+     ["tests/test_maml.py", "tests/test_cli.py"]),
+    ("a NaN checkpoint accepted", "data.py",
+     "bad = [k for k, v in state[\"params\"].items() if not torch.isfinite(v).all()]", "bad = []",
+     ["tests/test_predict.py"]),
+]
+
+
+def tracked_copy(dest):
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="run the whole suite for each mutation")
+    p.add_argument("--only", default=None, help="only the mutations whose name contains this")
+    args = p.parse_args()
+    missed = []
+    for name, path, old, new, guards in MUTATIONS:
+        if args.only and args.only not in name:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = Path(tmp)
+            tracked_copy(scratch)
+            text = (scratch / path).read_text()
+            if text.count(old) != 1:
+                raise SystemExit(f"mutation '{name}': the text to change occurs {text.count(old)} times in {path}; "
+                                 f"update tests/mutations.py to the current code")
+            (scratch / path).write_text(text.replace(old, new))
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (["tests"] if args.full else guards)
+            r = subprocess.run(command, cwd=scratch, capture_output=True, text=True, env=os.environ | {"PYTHONHASHSEED": "0"})
+            caught = sorted(set(re.findall(r"^FAILED (\S+)", r.stdout, re.M)))
+            print(f"{name}: " + (f"caught by {len(caught)}: " + ", ".join(caught[:6]) + (" ..." if len(caught) > 6 else "")
+                                 if caught else "NOT CAUGHT"), flush=True)
+            if not caught:
+                missed.append(name)
+    if missed:
+        raise SystemExit(f"not caught: {', '.join(missed)}")
+
+
+if __name__ == "__main__":
+    main()
