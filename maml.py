@@ -579,13 +579,17 @@ def diagnose_worse_tasks(cfg, problem, params, shots=5):
 
 
 def print_diagnosis(cfg, curve, worse, lam, shots=5):
+    """Prints diagnose_worse_tasks' finding and returns it for the results file."""
     edge = lam * cfg.inner_lr > 2
     rest = [i for i in range(curve.shape[1]) if i not in set(worse.tolist())]
-    print(f"K = {shots}: {len(worse)} of {curve.shape[1]} test tasks are at least twice as bad after {cfg.eval_steps} steps as after 1, "
-          f"{int(edge[worse].sum())} of them with αλ > 2 at θ'_1 ({int(edge.sum())} of all tasks); λ: the top "
-          f"curvature of the support loss, α = {cfg.inner_lr}. Without them, MSE after 1 / {cfg.eval_steps} steps: "
-          f"{curve[1][rest].mean():.3f} / {curve[-1][rest].mean():.3f}; median of all: "
-          f"{float(np.median(curve[1])):.3f} / {float(np.median(curve[-1])):.3f}")
+    d = {"K": shots, "tasks": int(curve.shape[1]), "worse_tasks": len(worse), "worse_with_edge": int(edge[worse].sum()),
+         "edge_tasks": int(edge.sum()), "mean_without_worse": [float(curve[1][rest].mean()), float(curve[-1][rest].mean())],
+         "median": [float(np.median(curve[1])), float(np.median(curve[-1]))]}
+    print(f"K = {shots}: {d['worse_tasks']} of {d['tasks']} test tasks are at least twice as bad after {cfg.eval_steps} "
+          f"steps as after 1, {d['worse_with_edge']} of them with αλ > 2 at θ'_1 ({d['edge_tasks']} of all tasks); λ: the "
+          f"top curvature of the support loss, α = {cfg.inner_lr}. Without them, MSE after 1 / {cfg.eval_steps} steps: "
+          "{:.3f} / {:.3f}; median of all: {:.3f} / {:.3f}".format(*d["mean_without_worse"], *d["median"]))
+    return d
 
 
 def plot_sinusoid(path, cfg, problem, maml_params, pretrained_params, pretrained_lr, tasks=3):
@@ -644,7 +648,7 @@ def main(argv=None):
         table = sinusoid_table(cfg, problem, params, pretrained)
         print_sinusoid_table(table, cfg.eval_steps)
         if cfg.eval_steps > 1:
-            print_diagnosis(cfg, *diagnose_worse_tasks(cfg, problem, params))
+            results["diagnosis"] = print_diagnosis(cfg, *diagnose_worse_tasks(cfg, problem, params))
         results["test"] = {f"K={K}": {name: [data.mean_ci(r) for r in curve] for name, curve in entry.items()
                                       if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
                            for K, entry in table.items()}
