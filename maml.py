@@ -472,9 +472,11 @@ def train(cfg, problem, state, inner_loop=adapt, algorithm="maml"):
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
     def step(it):
+        """One pass of Alg. 2's 'while not done' (line 2): data.train_loop calls it cfg.iterations times."""
         nonlocal running
         # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
         batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
+        # lines 4-7: θ'_i = inner_loop(θ) on each support set (in meta_loss); line 10: the Adam step
         loss, metric = meta_step(params, optimizer, problem, batch, cfg, inner_loop)
         if baseline:
             pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))

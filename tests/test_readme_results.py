@@ -38,7 +38,7 @@ def curve(j, row):
 
 
 def sinusoid(j, row, k):
-    model = "maml" if row["model"] == "MAML" else "pretrained"
+    model = "maml" if row["model"].startswith("MAML") else "pretrained"
     return pair(j["test"][f"K={row['K']}"][model][k], 3)
 
 
