@@ -88,6 +88,9 @@ COLUMNS = {
     # MAML Table 2: MSE of each K and model after k steps
     "k = 0": lambda j, r: sinusoid(j, r, 0), "k = 1": lambda j, r: sinusoid(j, r, 1),
     "k = 5": lambda j, r: sinusoid(j, r, 5), "k = 10": lambda j, r: sinusoid(j, r, 10),
+    # Reptile Fig. 1: the sinusoid, one curve per model
+    "MSE before adapting": lambda j, r: pair(j["test"][r["model"]]["mse_by_step"][0], 3),
+    "MSE after 32 steps": lambda j, r: pair(j["test"][r["model"]]["mse_by_step"][-1], 3),
     # ANIL Tables 1 and 3, NIL: one nil.py run tests all three models on the same tasks
     "ANIL": nil_entry("anil_head"), "MAML": nil_entry("maml_head"), "NIL": nil_entry("nil"),
     "ANIL − MAML, paired": nil_entry("anil_minus_maml"), "NIL − ANIL, paired": nil_entry("nil_minus_head"),
