@@ -565,13 +565,12 @@ def top_curvature(params, forward, loss_fn, x, y, generator, iterations=100):
     return lam.detach()
 
 
-def diagnose_worse_tasks(cfg, problem, params, shots=5):
+def diagnose_worse_tasks(cfg, problem, params, curve, shots=5):
     """Why a few test tasks get worse with more steps (README, sinusoid): the tasks whose MSE after
     the last step is at least twice that after the first, and the curvature λ of their support loss at θ'_1.
-    Returns (curve, worse task indices, λ at θ'_1), on the test tasks of sinusoid_table."""
+    curve: sinusoid_table's MAML curve for these shots. Returns (curve, worse task indices, λ at θ'_1)."""
     batches = list(data.task_batches(problem, "test", cfg.test_tasks, cfg.eval_chunk, cfg.seed + 2,
                                      shots=shots, query=SINUSOID_EVAL_POINTS))
-    curve = adaptation_curve(params, problem, batches, cfg.inner_lr, cfg.eval_steps)
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     theta = {k: v.detach().requires_grad_() for k, v in per_task(params, x.shape[0]).items()}
     one_step = adapt(theta, problem.forward, problem.loss, x, y, 1, cfg.inner_lr, first_order=True)
@@ -650,7 +649,7 @@ def main(argv=None):
         table = sinusoid_table(cfg, problem, params, pretrained)
         print_sinusoid_table(table, cfg.eval_steps)
         if cfg.eval_steps > 1:
-            results["diagnosis"] = print_diagnosis(cfg, *diagnose_worse_tasks(cfg, problem, params))
+            results["diagnosis"] = print_diagnosis(cfg, *diagnose_worse_tasks(cfg, problem, params, table[5]["maml"]))
         results["test"] = {f"K={K}": {name: [data.mean_ci(r) for r in curve] for name, curve in entry.items()
                                       if name != "pretrained_lr"} | {"pretrained_lr": entry.get("pretrained_lr")}
                            for K, entry in table.items()}

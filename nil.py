@@ -122,7 +122,7 @@ def multiclass_pretrain(cfg, init, net, split, generator):
 def multitask_pretrain(cfg, problem, init, generator):
     """Multitask training (App. F): one shared N-way head over all training tasks and no inner loop,
     so label j means a different class in every task (the labels are not aligned). This is
-    maml.pretrain_step, the sinusoid baseline of MAML §4.1, on episodes."""
+    maml.pretrain_step, the sinusoid baseline of MAML §5.1, on episodes."""
     params = {k: v.clone().to(cfg.device).requires_grad_() for k, v in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     for _ in tqdm(range(cfg.pretrain_iterations), desc="multitask training", dynamic_ncols=True, mininterval=1):
