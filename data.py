@@ -1077,46 +1077,74 @@ class StopRequest:
         raise SystemExit(f"stopped at iteration {done}: nothing saved" + (" (no --save)" if not save else ""))
 
 
-def train_loop(cfg, start, history, step, validate, checkpoint, desc, advice):
-    """The loop around a script's own meta-step, the same in maml.py, reptile.py and rl.py: iterations
-    start..cfg.iterations under a progress bar; every cfg.val_every of them and at the end (rank 0), a
-    `key=value` line appended to `history` and an atomic checkpoint. step(it) runs iteration `it` and
-    returns the bar's numbers; validate() returns the line's; checkpoint(done) builds the checkpoint.
-    A non-finite loss (step raises NonFiniteLoss), θ or validation number stops the run with the file
-    on disk the last good checkpoint; Ctrl-C or SIGTERM saves and stops (StopRequest)."""
-    if start >= cfg.iterations:
-        print(f"the checkpoint is already at iteration {start} of {cfg.iterations}")
-        return checkpoint(start)
-    from tqdm import tqdm
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=desc,
-               dynamic_ncols=True, mininterval=0.5, disable=RANK != 0)
+class Training:
+    """The bookkeeping around an algorithm's own loop, the same in maml.py, reptile.py and rl.py, which
+    write the paper's 'while not done' themselves:
 
-    def stopped(message):
-        bar.close()
-        kept = f"; the last good checkpoint is {cfg.save}" if cfg.save and os.path.exists(cfg.save) else ""
+        with data.Training(cfg, start, history, validate, checkpoint, desc, advice) as loop:
+            for it in loop:
+                ...                                # the paper's lines, one meta-iteration
+                loop.show({"loss": ...})           # the progress bar's numbers
+
+    Iterations start..cfg.iterations run under a progress bar; after every cfg.val_every of them and
+    the last (rank 0), a `key=value` line of validate()'s numbers goes to `history` and
+    checkpoint(done) to an atomic file. A non-finite loss (NonFiniteLoss raised in the loop), θ or
+    validation number stops the run with the file on disk the last good checkpoint (`advice` names the
+    flags to lower); Ctrl-C or SIGTERM saves and stops (StopRequest). loop.state: the final checkpoint."""
+
+    def __init__(self, cfg, start, history, validate, checkpoint, desc, advice):
+        self.cfg, self.start, self.history, self.desc, self.advice = cfg, start, history, desc, advice
+        self.validate, self.checkpoint = validate, checkpoint
+        self.bar, self.it, self.state = None, start, None
+
+    def __enter__(self):
+        self.stop = StopRequest().__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.stop.__exit__()
+        if kind is NonFiniteLoss:
+            raise self.stopped(f"{error} at iteration {self.it + 1} (try a smaller {self.advice})") from None
+        return False
+
+    def stopped(self, message):
+        if self.bar is not None:
+            self.bar.close()
+        save = self.cfg.save
+        kept = f"; the last good checkpoint is {save}" if save and os.path.exists(save) else ""
         return SystemExit(f"error: {message}: training stopped{kept}")
-    started = time.time()
-    with StopRequest() as stop:
-        for it in bar:
-            try:
-                bar.set_postfix(step(it), refresh=False)
-            except NonFiniteLoss as e:
-                raise stopped(f"{e} at iteration {it + 1} (try a smaller {advice})") from None
+
+    def show(self, numbers):
+        self.bar.set_postfix(numbers, refresh=False)
+
+    def __iter__(self):
+        cfg = self.cfg
+        if self.start >= cfg.iterations:
+            print(f"the checkpoint is already at iteration {self.start} of {cfg.iterations}")
+            self.state = self.checkpoint(self.start)
+            return
+        from tqdm import tqdm
+        self.bar = tqdm(range(self.start, cfg.iterations), initial=self.start, total=cfg.iterations, desc=self.desc,
+                        dynamic_ncols=True, mininterval=0.5, disable=RANK != 0)
+        started = time.time()
+        for it in self.bar:
+            self.it = it
+            yield it                                            # the algorithm's meta-iteration runs here
             done = it + 1
             if (done % cfg.val_every == 0 or done == cfg.iterations) and RANK == 0:
-                line = {"iteration": done, **validate(), "elapsed_s": round(time.time() - started, 1)}
-                history.append(line)
-                state = checkpoint(done)
+                line = {"iteration": done, **self.validate(), "elapsed_s": round(time.time() - started, 1)}
+                self.history.append(line)
+                state = self.checkpoint(done)
                 if not (all(torch.isfinite(v).all() for v in state["params"].values()) and
                         all(math.isfinite(v) for v in line.values() if isinstance(v, float))):
-                    raise stopped(f"non-finite parameters or validation at iteration {done} (resume with a "
-                                  f"smaller step size)")
-                bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
+                    raise self.stopped(f"non-finite parameters or validation at iteration {done} (resume with a "
+                                       f"smaller step size)")
+                self.bar.write(" ".join(f"{k}={v}" for k, v in line.items()))
                 if cfg.save:
                     save_checkpoint(cfg.save, state)
-            stop.check(done, cfg.save, bar, checkpoint)
-    bar.close()
-    return checkpoint(cfg.iterations)
+            self.stop.check(done, cfg.save, self.bar, self.checkpoint)
+        self.bar.close()
+        self.state = self.checkpoint(cfg.iterations)
 
 
 def format_curve(curve, steps=None):
@@ -1126,14 +1154,15 @@ def format_curve(curve, steps=None):
 
 
 def plot_curves(path, curves, title, xlabel="inner gradient steps at test time", ylabel="query accuracy"):
-    """Test curves, mean ± 95% CI against steps: curves is a list of (label, steps, [(mean, ci), ...])."""
+    """Test curves, mean ± 95% CI against steps: curves is a list of (label, steps, [(mean, ci), ...]),
+    each optionally with a matplotlib line style as a fourth item (e.g. "--" for a paper's curve)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, steps, stats in curves:
+    for label, steps, stats, *style in curves:
         ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3,
-                    label=label)
+                    label=label, linestyle=style[0] if style else "-")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))     # steps are whole numbers

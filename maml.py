@@ -471,19 +471,6 @@ def train(cfg, problem, state, inner_loop=adapt, algorithm="maml"):
     history = state.get("history", [])
     running = state.get("running")   # smoothed training loss and metric, for the bar and the log
 
-    def step(it):
-        """One pass of Alg. 2's 'while not done' (line 2): data.train_loop calls it cfg.iterations times."""
-        nonlocal running
-        # Alg. 2 line 3 and line 8: a batch of tasks, each with its support and query sets
-        batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))   # torchrun: a slice
-        # lines 4-7: θ'_i = inner_loop(θ) on each support set (in meta_loss); line 10: the Adam step
-        loss, metric = meta_step(params, optimizer, problem, batch, cfg, inner_loop)
-        if baseline:
-            pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
-        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
-                                                          0.98 * running[1] + 0.02 * metric)
-        return {"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"}
-
     def validate():
         line = {"train_loss": round(running[0], 5), f"train_{problem.metric_name}": round(running[1], 5)}
         if problem.has_val:
@@ -501,8 +488,21 @@ def train(cfg, problem, state, inner_loop=adapt, algorithm="maml"):
             out["baseline_optimizer"] = b_optimizer.state_dict()
             out["rng"]["baseline_tasks"] = b_gen.get_state()
         return out
-    return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint,
-                           f"{algorithm} meta-train", "--inner-lr or --outer-lr")
+
+    # the progress bar, validation, checkpoints and stops: data.Training
+    with data.Training(cfg, state["iteration"], history, validate, checkpoint, f"{algorithm} meta-train",
+                       "--inner-lr or --outer-lr") as loop:
+        for it in loop:                                                   # Alg. 2 line 2: while not done
+            # lines 3 and 8: a batch of tasks, each with its support and query sets (torchrun: this rank's slice)
+            batch = data.rank_tasks(problem.sample("train", cfg.meta_batch_size, task_gen))
+            # lines 4-7: θ'_i = inner_loop(θ) on each support set (in meta_loss); line 10: the Adam step
+            loss, metric = meta_step(params, optimizer, problem, batch, cfg, inner_loop)
+            if baseline:
+                pretrain_step(b_params, b_optimizer, problem, problem.sample("train", cfg.meta_batch_size, b_gen))
+            running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
+                                                              0.98 * running[1] + 0.02 * metric)
+            loop.show({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}"})
+    return loop.state
 
 
 def print_sinusoid_table(results, eval_steps):

@@ -458,22 +458,6 @@ def train(cfg, problem, sample_train, state):
     history = state.get("history", [])
     running = state.get("running")   # smoothed loss and metric of the last inner mini-batch
 
-    def step(it):
-        nonlocal params, inner_state, running
-        # Alg. 1 line 3: sample n tasks, each with train_shots examples per class (+ a held-out tail)
-        batch = sample_train(cfg.meta_batch_size, task_gen)
-        n_train, n_tail = batch[0].shape[1], batch[2].shape[1]
-        schedule = minibatch_schedule(cfg.meta_batch_size, n_train, n_tail, cfg.inner_batch,
-                                      cfg.inner_steps, cfg.tail, cfg.replacement, batch_gen)
-        batch, schedule = data.rank_tasks(batch), data.rank_tasks(schedule)     # torchrun: this rank's tasks
-        params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
-                                                      epsilon_at(cfg, it))
-        loss, metric = loss.mean().item(), metric.mean().item()
-        running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
-                                                          0.98 * running[1] + 0.02 * metric)
-        return {"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}",
-                "eps": f"{epsilon_at(cfg, it):.3f}"}
-
     def validate():
         line = {"train_loss": round(running[0], 5), f"train_{problem.metric_name}": round(running[1], 5)}
         if problem.has_val:
@@ -487,8 +471,26 @@ def train(cfg, problem, sample_train, state):
                 "inner_state": map_state(inner_state, torch.Tensor.cpu),
                 "config": vars(cfg), "iteration": iteration, "history": history, "running": running,
                 "rng": {"tasks": task_gen.get_state(), "batches": batch_gen.get_state()}}
-    return data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, "meta-train",
-                           "--inner-lr or --meta-step-size")
+
+    # the progress bar, validation, checkpoints and stops: data.Training
+    with data.Training(cfg, state["iteration"], history, validate, checkpoint, "meta-train",
+                       "--inner-lr or --meta-step-size") as loop:
+        for it in loop:                                                   # Alg. 1 line 2: for iteration = 1, 2, ...
+            # line 3: sample n tasks, each with train_shots examples per class (+ a held-out tail)
+            batch = sample_train(cfg.meta_batch_size, task_gen)
+            n_train, n_tail = batch[0].shape[1], batch[2].shape[1]
+            schedule = minibatch_schedule(cfg.meta_batch_size, n_train, n_tail, cfg.inner_batch,
+                                          cfg.inner_steps, cfg.tail, cfg.replacement, batch_gen)
+            batch, schedule = data.rank_tasks(batch), data.rank_tasks(schedule)     # torchrun: this rank's tasks
+            # lines 4-5 and Eq. (5): k inner steps per task, then φ ← φ + ε (mean of W_i − φ)
+            params, inner_state, loss, metric = meta_step(params, inner_state, problem, batch, cfg, schedule,
+                                                          epsilon_at(cfg, it))
+            loss, metric = loss.mean().item(), metric.mean().item()
+            running = (loss, metric) if running is None else (0.98 * running[0] + 0.02 * loss,
+                                                              0.98 * running[1] + 0.02 * metric)
+            loop.show({"loss": f"{running[0]:.4f}", problem.metric_name: f"{running[1]:.4f}",
+                       "eps": f"{epsilon_at(cfg, it):.3f}"})
+    return loop.state
 
 
 def train_maml_sinusoid(cfg, problem):

@@ -55,7 +55,7 @@ def per_task(params, tasks):
 # Config: MAML §5.3 and A.2, with the reference PyTorch implementation's TRPO settings
 # ---------------------------------------------------------------------------------------------
 
-# A.2: one inner step with α = 0.1; meta-batch 20 (navigation) or 40 (locomotion); up to 500
+# A.2 (--protocol a2): one inner step with α = 0.1; meta-batch 20 (navigation) or 40 (locomotion); up to 500
 # meta-iterations. §5.3: 20 rollouts per gradient step (40 for the ant direction task); horizon
 # 100 (navigation) and 200 (locomotion). TRPO: max KL 0.01, 10 conjugate-gradient iterations with
 # damping 1e-5, line search of 15 steps with ratio 0.8 (rllab's and pytorch-maml-rl's values).
@@ -66,6 +66,36 @@ ENV_SETTINGS = {
     "ant-dir":         dict(meta_batch_size=40, episodes=40, horizon=200),
     "ant-vel":         dict(meta_batch_size=40, episodes=20, horizon=200),
 }
+A2 = dict(inner_lr=0.1, iterations=500, max_kl=0.01, eval_episodes=40)
+
+# --protocol authors: the runs behind the authors' stored results (cbfinn/maml_rl, icml/icml_*_results_*.pkl,
+# MAML Table 4 and Fig. 4/5), read from the scripts that wrote them. Navigation: test_maml_point.py loads
+# trpomaml1_fbs20_mbs20_flr_0.5 (maml_trpo_point.py: α 0.5, meta-batch 20, 20 trajectories, 100 iterations,
+# snapshot_mode "last"); its pretrained policy maml0_… is the same script with use_maml=False (maml_npo.py: one
+# Adam step, lr 1e-3, per iteration on the pre-update batch); its oracle is trpo_point.py (TRPO, 1000 steps =
+# 10 episodes of fresh goals per iteration, 100 iterations). The test is VPG with a first step of α and
+# later steps of α/2 (init_learning_rate, then learning_rate 0.5·α; 0.5 for MAML, pretrained and random),
+# 4000 environment steps per step (40 paths of 100), on 40 goals drawn by np.random.seed(1).
+# HalfCheetah direction: test_maml_cheetah_direc.py loads maml1_fbs20_mbs40_flr_0.1_mlr0.02/itr_100 (α 0.1,
+# meta-batch 40, max KL 0.02, 100 iterations); pretrained is randenv (TRPO on the pooled tasks); the test
+# steps are 0.1 (MAML), 0.2 (pretrained) and 0.5 (random), 4000 steps (20 paths of 200), directions from
+# 40 draws of U[0, 2] after np.random.seed(1) (backward below 1).
+AUTHORS = {
+    "navigation2d": {None: dict(inner_lr=0.5, iterations=100, max_kl=0.01, meta_batch_size=20, eval_episodes=40),
+                     "pretrained": dict(pretrain_adam_lr=1e-3),
+                     "oracle": dict(meta_batch_size=10, episodes=1)},
+    "halfcheetah-dir": {None: dict(inner_lr=0.1, iterations=100, max_kl=0.02, meta_batch_size=40, eval_episodes=20),
+                        "pretrained": dict(inner_lr=0.2),
+                        "random": dict(inner_lr=0.5)},
+}
+
+
+def authors_test_tasks(env, n=40):
+    """The authors' test tasks: np.random.seed(1), then 40 draws (test_maml_point.py, test_maml_cheetah_direc.py)."""
+    draws = np.random.RandomState(1)
+    if env == "navigation2d":
+        return [{"goal": tuple(g)} for g in draws.uniform(-0.5, 0.5, size=(n, 2))]
+    return [{"direction": -1.0 if v < 1.0 else 1.0} for v in draws.uniform(0.0, 2.0, size=n)]
 
 
 def build_parser(prog, algorithm):
@@ -77,14 +107,18 @@ def build_parser(prog, algorithm):
     a("--env", required=True, choices=sorted(ENV_SETTINGS), help="task distribution (§5.3)")
     a("--first-order", action="store_true", help="first-order: the inner gradient is a constant in the "
       "meta-gradient and in TRPO's Hessian-vector products")
-    a("--inner-lr", type=float, default=0.1, help="α, inner step size (A.2: 0.1; α/2 after the first test step)")
+    a("--protocol", choices=["a2", "authors"], default="a2", help="the presets of the unset flags: a2, the "
+      "paper's stated settings (A.2: α 0.1, 500 iterations, the best validated model); authors, the runs behind "
+      "the authors' stored results (navigation2d, halfcheetah-dir: α 0.5 / 0.1, 100 iterations, the last "
+      "iterate, their 40 test tasks, their pretrained policy)")
+    a("--inner-lr", type=float, default=None, help="α, inner step size (A.2: 0.1; α/2 after the first test step)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (A.2: 20 navigation, 40 locomotion)")
     a("--episodes", type=int, default=None, help="K, trajectories per task and gradient step (§5.3: 20; ant-dir 40)")
     a("--horizon", type=int, default=None, help="H, steps per episode (§5.3: 100 navigation, 200 locomotion)")
-    a("--iterations", type=int, default=500, help="meta-iterations (A.2: up to 500)")
+    a("--iterations", type=int, default=None, help="meta-iterations (A.2: up to 500)")
     a("--gamma", type=float, default=0.99, help="γ, discount")
     a("--gae-lambda", type=float, default=1.0, help="λ of GAE (1.0: Monte-Carlo returns minus the baseline)")
-    a("--max-kl", type=float, default=0.01, help="TRPO trust region: mean KL between adapted policies")
+    a("--max-kl", type=float, default=None, help="TRPO trust region: mean KL between adapted policies (0.01)")
     a("--cg-iters", type=int, default=10, help="conjugate-gradient iterations")
     a("--cg-damping", type=float, default=1e-5, help="damping added to the Hessian-vector product")
     a("--hvp", choices=["gauss-newton", "double-backprop"], default="gauss-newton", help="KL Hessian-vector "
@@ -96,8 +130,13 @@ def build_parser(prog, algorithm):
       "is kept (A.2)")
     a("--test-tasks", type=int, default=40, help="meta-test tasks")
     a("--eval-steps", type=int, default=3, help="gradient steps at test time (Fig. 4/5: up to 3)")
-    a("--eval-episodes", type=int, default=40, help="trajectories per task and gradient step at test time "
+    a("--eval-episodes", type=int, default=None, help="trajectories per task and gradient step at test time "
       "(§5.3: 'up to 4 gradient updates, each with 40 samples')")
+    a("--test-lrs", type=float, nargs="+", default=None, metavar="LR", help="the step size of each test step "
+      "(default: α, then α/2 for the later steps, as A.2 and the authors' test scripts)")
+    a("--sampling", choices=["episodes", "steps"], default=None, help="a batch per task: episodes, K episodes "
+      "(§5.3, --protocol a2); steps, whole episodes until K·H steps (rllab's samplers, --protocol authors), "
+      "so that episodes that end early at the goal leave room for more")
     a("--compare", choices=["pretrained", "random", "oracle"], default=None, help="a comparison policy of "
       "Fig. 4/5 instead of meta-learning: pretrained (TRPO on all tasks, no inner loop), random (the "
       "initialization, not trained), both fine-tuned at test time by this script's inner loop, or oracle "
@@ -109,17 +148,28 @@ def build_parser(prog, algorithm):
     data.add_session_flags(p, "--iterations, --inner-lr, --max-kl", predict=False)
     a("--plot", nargs="?", const="auto", default=None,
       help="save the return against gradient steps (Fig. 4/5); needs matplotlib")
-    a("--last", action="store_true", help="test the last iterate instead of the best validated model (A.2)")
+    a("--snapshot", choices=["best", "last"], default=None, help="the model tested: best, the best validated "
+      "one (A.2, --protocol a2), or last, the last iterate (the authors' snapshot_mode 'last', --protocol authors)")
     a("--plot-with", nargs="+", default=None, metavar="JSON",
       help="with --plot: also draw the test curves of these runs (their --out files), e.g. MAML beside ANIL")
     return p
 
 
-def finalize_config(cfg):
-    """Fill unset flags with the env's paper settings and reject impossible combinations."""
-    for k, v in ENV_SETTINGS[cfg.env].items():
-        if getattr(cfg, k) is None:
+def finalize_config(cfg, algorithm="maml"):
+    """Fill unset flags with the env's settings of the chosen protocol and reject impossible combinations."""
+    if cfg.protocol == "authors" and cfg.env not in AUTHORS:
+        raise SystemExit(f"error: --protocol authors: the authors' stored results cover {' and '.join(AUTHORS)} "
+                         f"here, not {cfg.env}")
+    preset = dict(ENV_SETTINGS[cfg.env], **A2, snapshot="best", sampling="episodes", pretrain_adam_lr=None)
+    if cfg.protocol == "authors":
+        preset.update(AUTHORS[cfg.env][None], snapshot="last", sampling="steps", **AUTHORS[cfg.env].get(cfg.compare, {}))
+    if algorithm == "anil":
+        preset["meta_batch_size"] = 40                     # ANIL App. E.5: "a batch size of 40"
+    for k, v in preset.items():
+        if getattr(cfg, k, None) is None:
             setattr(cfg, k, v)
+    if cfg.test_lrs is not None and len(cfg.test_lrs) != cfg.eval_steps:
+        raise SystemExit(f"error: --test-lrs gives {len(cfg.test_lrs)} step sizes for --eval-steps {cfg.eval_steps}")
     if cfg.num_envs is None:
         cfg.num_envs = cfg.episodes * (cfg.meta_batch_size if cfg.vector == "sync" else 1)
     if cfg.val_every is None:
@@ -346,6 +396,30 @@ class Episodes:
     def returns(self):
         """The return of each episode, (T, K): the sum of its rewards."""
         return (self.rewards * self.mask).sum(-1)
+
+    def mean_return(self):
+        """Each task's mean return over its episodes that count (a step budget may drop some), (T,)."""
+        counted = (self.mask[..., 0] > 0).to(self.rewards.dtype)
+        return (self.returns() * counted).sum(1) / counted.sum(1)
+
+
+def sample_steps(envs, params, tasks, episodes, horizon, generator, desc="sampling", oracle=False, min_steps=None):
+    """sample(), or with min_steps whole episodes of each task until it has min_steps steps (rllab's
+    samplers, with whole_paths: the authors' batches are K·H steps in training and 4000 at test, so an
+    episode that ends early at the goal leaves room for more). Rounds of `episodes` episodes are drawn
+    until every task has its steps; a task's episodes past its budget get mask 0."""
+    ep = sample(envs, params, tasks, episodes, horizon, generator, desc, oracle)
+    if min_steps is None:
+        return ep
+    rounds = [ep]
+    while sum(r.mask.sum((1, 2)) for r in rounds).min() < min_steps:
+        rounds.append(sample(envs, params, tasks, episodes, horizon, generator, desc, oracle))
+    ep = Episodes(*(torch.cat([getattr(r, k) for r in rounds], 1) for k in ("obs", "actions", "rewards", "mask",
+                                                                              "log_prob")))
+    lengths = ep.mask.sum(-1)                                             # (T, K·rounds)
+    counted = (lengths.cumsum(1) - lengths < min_steps).to(ep.mask.dtype)  # the steps before it fall short
+    ep.mask, ep.rewards = ep.mask * counted.unsqueeze(-1), ep.rewards * counted.unsqueeze(-1)
+    return ep
 
 
 @torch.no_grad()
@@ -587,6 +661,19 @@ def trpo_step(params, objective, max_kl, cg_iters, cg_damping, ls_steps, ls_rati
 # The meta-iteration (Alg. 3), given the algorithm's inner loop
 # ---------------------------------------------------------------------------------------------
 
+def adam_step(params, adam, objective):
+    """One step of `adam` on the surrogate of `objective`, whose gradient at θ (importance ratio 1) is the
+    REINFORCE gradient of Eq. (4) averaged over the tasks; with the numbers that trpo_step reports."""
+    loss = objective(params, create_graph=False)[0]
+    adam.zero_grad()
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params.values())).item()
+    adam.step()
+    with torch.no_grad():
+        kl = objective(params, create_graph=False)[1].item()
+    return {"loss_before": loss.item(), "grad_norm": grad_norm, "kl": kl, "ls_step": 0}
+
+
 def no_inner_loop(params, episodes, inner_lr, first_order):
     """θ'_i = θ: the meta-step without its inner loop is TRPO on all tasks (Fig. 4/5's pretrained)."""
     return params
@@ -597,15 +684,17 @@ def cpu_copy(fast):
     return {k: v.detach().to("cpu", copy=True) for k, v in fast.items()}
 
 
-def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
+def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device, adam=None):
     """Alg. 3 lines 3-10 for one meta-batch. inner_adapt(params (T, ...), episodes, α,
-    first_order) -> θ'_i is the algorithm's inner loop."""
+    first_order) -> θ'_i is the algorithm's inner loop. With `adam` (a torch.optim.Adam over θ),
+    one Adam step replaces TRPO: the authors' pretrained policy (maml_npo.py, use_maml=False)."""
     T = len(tasks)
     theta = per_task(cpu_copy(params), T)
     oracle = cfg.compare == "oracle"
     # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
-    train_eps = compute_advantages(sample(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i", oracle),
-                                   cfg.gamma, cfg.gae_lambda).to(device)
+    budget = cfg.episodes * cfg.horizon if cfg.sampling == "steps" else None
+    train_eps = compute_advantages(sample_steps(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i", oracle,
+                                                budget), cfg.gamma, cfg.gae_lambda).to(device)
     if inner_adapt is no_inner_loop:
         # the pretrained and oracle policies of Fig. 4/5: plain TRPO on the pooled batch D_i
         fast, valid_eps = per_task({k: v.detach() for k, v in params.items()}, T), train_eps
@@ -613,8 +702,8 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
         # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
         fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
                            train_eps, cfg.inner_lr, first_order=True)
-        valid_eps = compute_advantages(sample(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator,
-                                              "D'_i", oracle), cfg.gamma, cfg.gae_lambda).to(device)
+        valid_eps = compute_advantages(sample_steps(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator,
+                                                    "D'_i", oracle, budget), cfg.gamma, cfg.gae_lambda).to(device)
     with torch.no_grad():
         old_dist = tuple(d.detach() for d in policy_forward({k: v.detach() for k, v in fast.items()},
                                                             flat_obs(valid_eps)))
@@ -626,11 +715,13 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
             f = inner_adapt(per_task(p, T), train_eps, cfg.inner_lr, first_order=cfg.first_order or not create_graph)
             return (*surrogate_and_kl(f, valid_eps, old_dist), valid_eps.mask.flatten(1))
 
-    # Alg. 3 line 10, with TRPO as the meta-optimizer (§5.3)
-    info = trpo_step(params, objective, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_steps, cfg.ls_ratio,
-                     cfg.hvp)
-    info["return_before"] = train_eps.returns().mean().item()
-    info["return_after"] = valid_eps.returns().mean().item()
+    if adam is not None:   # the authors' pretrained policy: one Adam step on the pooled REINFORCE loss
+        info = adam_step(params, adam, objective)
+    else:                  # Alg. 3 line 10, with TRPO as the meta-optimizer (§5.3)
+        info = trpo_step(params, objective, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_steps, cfg.ls_ratio,
+                         cfg.hvp)
+    info["return_before"] = train_eps.mean_return().mean().item()
+    info["return_after"] = valid_eps.mean_return().mean().item()
     return info
 
 
@@ -638,23 +729,37 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device):
 # Evaluation: return per episode before adaptation and after 1..eval_steps steps (Fig. 4/5)
 # ---------------------------------------------------------------------------------------------
 
-def adaptation_returns(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes):
+def test_step_sizes(cfg, steps):
+    """A.2 and the authors' test scripts: α for the first step, α/2 for the later ones; or --test-lrs."""
+    return getattr(cfg, "test_lrs", None) or [cfg.inner_lr] + [cfg.inner_lr / 2] * (steps - 1)
+
+
+def adaptation_returns(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes, tasks=None,
+                       record=None):
     """Mean return per episode of each of n_tasks tasks, the same for every model with this seed,
     after 0..steps gradient steps: (steps+1, n_tasks). A.2: α for the first step, α/2 for the
-    later ones. Each step samples `episodes` fresh episodes."""
-    tasks = task_family(cfg.env).sample_tasks(n_tasks, np.random.default_rng(seed))
+    later ones (or cfg.test_lrs). Each step samples `episodes` fresh episodes. `tasks` replaces
+    the sampled ones; `record`, a dict, receives at each step the mean log σ, episode length and
+    episodes per task. With cfg.sampling "steps", whole episodes until episodes·H steps per task."""
+    tasks = tasks or task_family(cfg.env).sample_tasks(n_tasks, np.random.default_rng(seed))
+    lrs = test_step_sizes(cfg, steps)
+    budget = episodes * cfg.horizon if getattr(cfg, "sampling", "episodes") == "steps" else None
     generator = torch.Generator().manual_seed(seed)
-    fast = per_task({k: v.detach() for k, v in params.items()}, n_tasks)
+    fast = per_task({k: v.detach() for k, v in params.items()}, len(tasks))
     rows = []
     for step in range(steps + 1):
-        ep = sample(envs, cpu_copy(fast), tasks, episodes, cfg.horizon, generator, f"eval step {step}",
-                    cfg.compare == "oracle")
-        rows.append(ep.returns().mean(1).numpy())
+        ep = sample_steps(envs, cpu_copy(fast), tasks, episodes, cfg.horizon, generator, f"eval step {step}",
+                          cfg.compare == "oracle", budget)
+        rows.append(ep.mean_return().numpy())
+        if record is not None:
+            lengths = ep.mask.sum(-1)
+            record.setdefault("log_std", []).append(round(fast["log_std"].mean().item(), 4))
+            record.setdefault("episode_length", []).append(round((lengths.sum() / (lengths > 0).sum()).item(), 2))
+            record.setdefault("episodes", []).append(round((lengths > 0).sum(1).float().mean().item(), 2))
         if step < steps:
             ep = compute_advantages(ep, cfg.gamma, cfg.gae_lambda).to(device)
-            lr = cfg.inner_lr if step == 0 else cfg.inner_lr / 2
             fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            fast = {k: v.detach() for k, v in inner_adapt(fast, ep, lr, first_order=True).items()}
+            fast = {k: v.detach() for k, v in inner_adapt(fast, ep, lrs[step], first_order=True).items()}
     return np.stack(rows)
 
 
@@ -690,18 +795,13 @@ def train(cfg, state, test_adapt, algorithm):
         task_rng.bit_generator.state = state["rng"]["tasks"]
         generator.set_state(state["rng"]["sampling"])
     history = state.get("history", [])
+    adam = None
+    if getattr(cfg, "pretrain_adam_lr", None):    # the authors' pretrained policy: Adam instead of TRPO
+        adam = torch.optim.Adam(params.values(), lr=cfg.pretrain_adam_lr)
+        if "adam" in state:
+            adam.load_state_dict(state["adam"])
     envs = make_vector_env(cfg.env, cfg.num_envs, cfg.horizon, cfg.vector)
     info, done = None, state["iteration"]     # the last iteration's numbers, for the log line
-
-    def step(it):
-        nonlocal info, done
-        done = it + 1
-        tasks = task_family(cfg.env).sample_tasks(cfg.meta_batch_size, task_rng)   # Alg. 3 line 3
-        info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device)
-        if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
-                not all(torch.isfinite(v).all() for v in params.values()):
-            raise data.NonFiniteLoss("non-finite surrogate loss, gradient or parameters")
-        return {"R0": f"{info['return_before']:.2f}", "R1": f"{info['return_after']:.2f}", "kl": f"{info['kl']:.4f}"}
 
     def validate():
         nonlocal best
@@ -720,15 +820,27 @@ def train(cfg, state, test_adapt, algorithm):
     def checkpoint(iteration):
         return {"params": cpu_copy(params), "config": vars(cfg), "iteration": iteration, "algorithm": algorithm,
                 "format": 1, "best": best, "history": history,
-                "rng": {"tasks": task_rng.bit_generator.state, "sampling": generator.get_state()}}
-    state = data.train_loop(cfg, state["iteration"], history, step, validate, checkpoint, f"{algorithm} {cfg.env}",
-                            "--inner-lr or --max-kl")
+                "rng": {"tasks": task_rng.bit_generator.state, "sampling": generator.get_state()},
+                **({"adam": adam.state_dict()} if adam else {})}
+
+    # the progress bar, validation, checkpoints and stops: data.Training
+    with data.Training(cfg, state["iteration"], history, validate, checkpoint, f"{algorithm} {cfg.env}",
+                       "--inner-lr or --max-kl") as loop:
+        for it in loop:                                                   # Alg. 3 line 2: while not done
+            done = it + 1
+            tasks = task_family(cfg.env).sample_tasks(cfg.meta_batch_size, task_rng)   # line 3
+            info = meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device, adam)   # lines 4-10
+            if not all(math.isfinite(info[k]) for k in ("loss_before", "grad_norm", "return_after")) or \
+                    not all(torch.isfinite(v).all() for v in params.values()):
+                raise data.NonFiniteLoss("non-finite surrogate loss, gradient or parameters")
+            loop.show({"R0": f"{info['return_before']:.2f}", "R1": f"{info['return_after']:.2f}",
+                       "kl": f"{info['kl']:.4f}"})
     envs.close()
-    return state
+    return loop.state
 
 
 SESSION_FLAGS = {"device", "out", "save", "resume", "load", "eval_only", "plot", "plot_with", "vector", "num_envs",
-                 "last"}
+                 "snapshot", "test_lrs"}
 # may differ from the checkpoint's: the evaluation, the length and the step sizes (α, TRPO's max KL)
 OVERRIDABLE_FLAGS = {"iterations", "test_tasks", "eval_steps", "val_tasks", "eval_episodes", "inner_lr", "max_kl"}
 
@@ -759,22 +871,26 @@ def run(cfg, saved, inner_adapt, algorithm):
     results = {"config": vars(cfg), "algorithm": algorithm, "train_seconds": round(time.time() - started, 1),
                "iteration": state["iteration"], "history": state.get("history", [])}
     best = state.get("best")
-    chosen = best["params"] if best and not cfg.last else state["params"]
-    if best and not cfg.last:
+    chosen = best["params"] if best and cfg.snapshot == "best" else state["params"]
+    if best and cfg.snapshot == "best":
         print(f"best model: iteration {best['iteration']}, validation return after one step {best['val_return']:.3f}")
         results["best_iteration"] = best["iteration"]
     params = {k: v.to(device) for k, v in chosen.items()}
     # as many tasks side by side as in training, each with its eval_episodes
     envs = make_vector_env(cfg.env, cfg.num_envs // cfg.episodes * cfg.eval_episodes, cfg.horizon, cfg.vector)
+    record = {}
+    tasks = authors_test_tasks(cfg.env, cfg.test_tasks) if cfg.protocol == "authors" else None
     curve = adaptation_returns(params, inner_adapt, envs, cfg, cfg.test_tasks, cfg.seed + 2, cfg.eval_steps, device,
-                               cfg.eval_episodes)
+                               cfg.eval_episodes, tasks, record)
     envs.close()
     stats = [data.mean_ci(r) for r in curve]
     print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.eval_episodes} episodes per step, "
-          f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps (α = {cfg.inner_lr}, then α/2):")
+          f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps "
+          f"(step sizes {test_step_sizes(cfg, cfg.eval_steps)}):")
     print("  " + "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(stats)))
     print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(stats)))
-    results["test"] = {"return_by_step": stats}
+    results["test"] = {"return_by_step": stats, "log_std_by_step": record["log_std"],
+                       "episode_length_by_step": record["episode_length"], "episodes_by_step": record["episodes"]}
     results["eval_seconds"] = round(time.time() - started - results["train_seconds"], 1)
     return results
 
@@ -788,7 +904,7 @@ def main(argv, adapt_policy, algorithm, prog):
     data.refuse_distributed(prog + " --env", "TRPO's meta-step is a sequence of conjugate-gradient steps over the "
                             "whole meta-batch; --vector async samples the environments in parallel processes")
     data.check_session_flags(args)
-    cfg = finalize_config(args)
+    cfg = finalize_config(args, algorithm)
     data.seed_everything(cfg.seed)
     results = data.write_results(cfg.out, run(cfg, saved, adapt_policy, algorithm))
     if cfg.plot:

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # name, file, the exact text, its replacement, the test files that should catch it
 MUTATIONS = [
     ("test steps α then α/2 -> α throughout", "rl.py",
-     "lr = cfg.inner_lr if step == 0 else cfg.inner_lr / 2", "lr = cfg.inner_lr",
+     "[cfg.inner_lr] + [cfg.inner_lr / 2] * (steps - 1)", "[cfg.inner_lr] * steps",
      ["tests/test_rl_protocol.py"]),
     ("the best validated model -> the last iterate", "rl.py",
-     'chosen = best["params"] if best and not cfg.last else state["params"]', 'chosen = state["params"]',
+     'chosen = best["params"] if best and cfg.snapshot == "best" else state["params"]', 'chosen = state["params"]',
      ["tests/test_rl_protocol.py"]),
     ("torchrun's all_reduce mean × world size", "data.py",
      "t.copy_((flat[offset:offset + t.numel()] / flat[-1]).view_as(t))",

@@ -128,7 +128,9 @@ def run_result(main, argv, tmp_path):
     r = main(argv + ["--save", str(ckpt)])
     saved = torch.load(ckpt, weights_only=True)
     history = [{k: v for k, v in line.items() if k != "elapsed_s"} for line in r.get("history", [])]
-    return {"test": r["test"], "history": history, "params": summary(saved["params"])}
+    diagnostics = ("log_std_by_step", "episode_length_by_step", "episodes_by_step")      # meta-RL's, not recorded
+    test = {k: v for k, v in r["test"].items() if k not in diagnostics}
+    return {"test": test, "history": history, "params": summary(saved["params"])}
 
 
 SINUSOID = ["--iterations", "3", "--meta-batch-size", "4", "--val-every", "1", "--val-tasks", "3",

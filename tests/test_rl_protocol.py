@@ -1,6 +1,6 @@
 """The meta-RL test protocol of the headline table, on every CPU (no recording of one CPU's rounding):
 A.2's step sizes at test time (α, then α/2) and the model that is tested (the best validated one,
-or the last with --last). Each check has a control that a wrong protocol fails."""
+or the last with --snapshot last). Each check has a control that a wrong protocol fails."""
 
 import numpy as np
 import torch
@@ -52,7 +52,96 @@ def test_the_best_validated_model_is_tested_and_last_tests_the_last(monkeypatch,
     assert best_iteration != r["iteration"], "the control needs a run whose best iteration is not the last"
     assert all(torch.equal(tested[k], state["best"]["params"][k]) for k in tested)
     assert not all(torch.equal(tested[k], state["params"][k]) for k in tested)
-    # the control: --last tests the last iterate, which is not the best one here
-    r_last, state_last, tested_last = run_and_spy(monkeypatch, tmp_path, ["--last"])
+    # the control: --snapshot last tests the last iterate, which is not the best one here
+    r_last, state_last, tested_last = run_and_spy(monkeypatch, tmp_path, ["--snapshot", "last"])
     assert all(torch.equal(tested_last[k], state_last["params"][k]) for k in tested_last)
     assert r_last["test"] != r["test"]
+
+
+def parse(argv, algorithm="maml"):
+    return rl.finalize_config(rl.build_parser("t", algorithm).parse_args(argv), algorithm)
+
+
+def test_the_two_protocols_fill_the_unset_flags_and_a_given_flag_wins():
+    a2 = parse(["--env", "navigation2d"])
+    assert (a2.inner_lr, a2.iterations, a2.meta_batch_size, a2.snapshot, a2.pretrain_adam_lr) == (0.1, 500, 20, "best", None)
+    authors = parse(["--env", "navigation2d", "--protocol", "authors"])
+    assert (authors.inner_lr, authors.iterations, authors.meta_batch_size, authors.snapshot) == (0.5, 100, 20, "last")
+    assert parse(["--env", "navigation2d", "--protocol", "authors", "--compare", "pretrained"]).pretrain_adam_lr == 1e-3
+    oracle = parse(["--env", "navigation2d", "--protocol", "authors", "--compare", "oracle"])
+    assert (oracle.meta_batch_size, oracle.episodes) == (10, 1)          # trpo_point.py: 1000 steps a batch
+    cheetah = parse(["--env", "halfcheetah-dir", "--protocol", "authors", "--compare", "pretrained"])
+    assert (cheetah.inner_lr, cheetah.max_kl, cheetah.meta_batch_size, cheetah.eval_episodes) == (0.2, 0.02, 40, 20)
+    assert parse(["--env", "navigation2d", "--protocol", "authors"], "anil").meta_batch_size == 40   # ANIL App. E.5
+    given = parse(["--env", "navigation2d", "--protocol", "authors", "--inner-lr", "0.3", "--snapshot", "best"])
+    assert (given.inner_lr, given.snapshot) == (0.3, "best")
+    try:
+        parse(["--env", "ant-dir", "--protocol", "authors"])
+        raise AssertionError("ant-dir has no authors' protocol here")
+    except SystemExit as e:
+        assert "navigation2d and halfcheetah-dir" in str(e)
+
+
+def test_the_authors_test_goals_are_their_np_random_seed_1_draws():
+    goals = rl.authors_test_tasks("navigation2d")
+    assert len(goals) == 40 and len({g["goal"] for g in goals}) == 40
+    # np.random.seed(1); np.random.uniform() is 0.417022004702574, the first of the draws the test script printed
+    assert abs(goals[0]["goal"][0] - (0.417022004702574 - 0.5)) < 1e-12
+    directions = [t["direction"] for t in rl.authors_test_tasks("halfcheetah-dir")]
+    assert directions[0] == -1.0 and set(directions) == {-1.0, 1.0}    # 2·0.417 < 1: backward
+
+
+def test_the_authors_protocol_tests_the_last_iterate_on_their_goals_with_the_given_steps(monkeypatch, tmp_path):
+    seen = []
+    real = rl.adaptation_returns
+
+    def spy(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes, tasks=None, record=None):
+        seen.append(tasks)
+        return real(params, inner_adapt, envs, cfg, n_tasks, seed, steps, device, episodes, tasks, record)
+    monkeypatch.setattr(rl, "adaptation_returns", spy)
+    r = maml.main(NAV + ["--protocol", "authors", "--test-lrs", "0.4", "0.1", "0.05", "--save", str(tmp_path / "a.pt")])
+    assert seen[-1] == rl.authors_test_tasks("navigation2d", 2) and "best_iteration" not in r
+    assert len(r["test"]["log_std_by_step"]) == len(r["test"]["episode_length_by_step"]) == 4
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert state["best"]["iteration"] != state["iteration"]   # so that testing the best would differ
+
+
+def test_the_authors_pretrained_policy_takes_adam_steps_not_trpo_steps(tmp_path):
+    """Adam's first step moves every parameter whose gradient is not ~0 by its learning rate (m/√v = ±1);
+    the authors' pretrained policy (use_maml=False) takes one such step per iteration. The control, the
+    A.2 pretrained policy, takes a TRPO step, whose sizes differ from parameter to parameter."""
+    def first_step(extra):
+        r = maml.main(NAV + ["--iterations", "1", "--val-every", "1", "--compare", "pretrained",
+                             "--save", str(tmp_path / "p.pt")] + extra)
+        after = torch.load(tmp_path / "p.pt", weights_only=True)["params"]
+        before = rl.init_policy(2, 2, torch.Generator().manual_seed(r["config"]["seed"]))
+        return torch.cat([(after[k] - before[k]).abs().flatten() for k in before])
+    moved = first_step(["--protocol", "authors"])
+    moved = moved[moved > 0]
+    # |m/(√v + ε)| = |g|/(|g| + 1e-8) ≤ 1: exactly lr unless the gradient is as small as Adam's ε
+    assert len(moved) > 100 and moved.max() <= 1e-3 * (1 + 1e-4)
+    assert (moved - 1e-3).abs().lt(1e-6).float().mean() > 0.9
+    trpo = first_step([])
+    trpo = trpo[trpo > 0]
+    assert trpo.max() / trpo.min() > 10
+
+
+def test_a_step_budget_keeps_whole_episodes_until_each_task_has_its_steps():
+    """rllab's whole_paths batches: episodes in order until the task has min_steps steps. A policy that
+    stands still ends every episode of a goal within 0.01 of the start after 1 step, and none of a far goal:
+    with 10 steps, 3 episodes a round and H = 5, the near goal counts 10 episodes (4 rounds drawn) and the
+    far one 2 (0 and 5 steps before them; 10 before the third)."""
+    params = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
+    params["fc3.w"].zero_()
+    params["fc3.b"].zero_()
+    params["log_std"].fill_(-20.0)
+    tasks = [{"goal": (0.005, 0.005)}, {"goal": (0.4, 0.4)}]
+    envs = rl.make_vector_env("navigation2d", 6, 5)
+    ep = rl.sample_steps(envs, rl.per_task(params, 2), tasks, 3, 5, torch.Generator().manual_seed(0), min_steps=10)
+    lengths = ep.mask.sum(-1)
+    assert ep.mask.shape[1] == 12                                        # 4 rounds of 3
+    assert lengths[0].tolist() == [1.0] * 10 + [0.0] * 2
+    assert lengths[1].tolist() == [5.0, 5.0] + [0.0] * 10
+    near, far = -(0.005 ** 2 * 2) ** 0.5, -5 * (0.4 ** 2 * 2) ** 0.5
+    assert torch.allclose(ep.mean_return(), torch.tensor([near, far]), atol=1e-4)   # the dropped ones do not count
+    assert rl.sample_steps(envs, rl.per_task(params, 2), tasks, 3, 5, torch.Generator().manual_seed(0)).mask.shape[1] == 3

@@ -1,0 +1,81 @@
+"""The authors' stored meta-RL test results, as the README's paper column and the dashed curves of its
+figures: results/authors_stored_results.json, written from a clone of cbfinn/maml_rl.
+
+    git clone https://github.com/cbfinn/maml_rl && python tests/authors_results.py maml_rl
+
+and draws the README's figures of our runs over seeds beside them (dashed):
+
+    python tests/authors_results.py figure navigation2d figures/rl_navigation2d_authors.png results/navigation2d_authors_*.json
+
+Each icml/icml_<env>_results_<model>.pkl (a Python 2 pickle) holds {'task_avg_returns': one list per
+test step, one average return per goal}, 40 goals; the test scripts (maml_examples/test_maml_*.py)
+wrote them. We keep each step's mean and 95% CI over the goals (data.mean_ci), and the goals' values."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+
+FILES = {"navigation2d": ("point", {"maml": "maml", "pretrained": "sens0", "random": "random", "oracle": "oracle"}),
+         "halfcheetah-dir": ("cheetahdirec", {"maml": "maml", "pretrained": "pretrain", "random": "random",
+                                              "oracle": "oracle"})}
+
+
+def main(clone, out="results/authors_stored_results.json"):
+    commit = subprocess.run(["git", "-C", clone, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"source": f"cbfinn/maml_rl@{commit or 'unknown'}", "files": {}, "return_by_step": {}, "per_goal": {}}
+    for env, (stem, models) in FILES.items():
+        for model, name in models.items():
+            path = f"icml/icml_{stem}_results_{name}.pkl"
+            with open(Path(clone) / path, "rb") as f:
+                steps = pickle.load(f, encoding="latin1")["task_avg_returns"]
+            key = f"{env}/{model}"
+            results["files"][key] = path
+            results["return_by_step"][key] = [data.mean_ci(goals) for goals in steps]
+            results["per_goal"][key] = [[float(g) for g in goals] for goals in steps]
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    for key, stats in results["return_by_step"].items():
+        print(f"{key:28s}" + "  ".join(f"{m:8.2f} ± {c:5.2f}" for m, c in stats))
+
+
+def over_seeds(runs):
+    """Runs of one model, seeds apart: each step's mean over the seeds of the seeds' means, and half the
+    range of the seeds' means (the spread over seeds)."""
+    means = np.array([[m for m, _ in r["test"]["return_by_step"]] for r in runs])
+    return [(float(m), float((hi - lo) / 2)) for m, lo, hi in zip(means.mean(0), means.min(0), means.max(0))]
+
+
+def label(run):
+    return run["config"].get("compare") or run["algorithm"].upper()
+
+
+def figure(env, out, *paths, stored="results/authors_stored_results.json"):
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        if run["config"]["env"] != env:
+            raise SystemExit(f"error: {path} is not a {env} run")
+        runs.setdefault(label(run), []).append(run)
+    curves = [(f"{name} ({len(rs)} seeds)", range(len(rs[0]["test"]["return_by_step"])), over_seeds(rs))
+              for name, rs in runs.items()]
+    with open(stored) as f:
+        theirs = json.load(f)["return_by_step"]
+    steps = len(curves[0][2])
+    for key, stats in theirs.items():
+        if key.startswith(env + "/"):
+            stats = stats[:steps] if len(stats) > 1 else stats * steps      # the oracle: one number, never adapted
+            curves.append((f"{key.split('/')[1]}, authors' stored", range(len(stats)), stats, "--"))
+    data.plot_curves(out, curves, f"{env}: ours (mean of seeds, ± half their range), the authors' (dashed)",
+                     "number of gradient steps", "average return per episode")
+
+
+if __name__ == "__main__":
+    figure(*sys.argv[2:]) if sys.argv[1] == "figure" else main(*sys.argv[1:])
