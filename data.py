@@ -88,7 +88,7 @@ def sinusoid_tasks(tasks, shots, query, generator, variant="maml", device="cpu")
     out = {"x_support": x_support, "y_support": wave(x_support),
            "x_query": x_query, "y_query": wave(x_query),
            "amplitude": amplitude, "phase": phase}
-    return {k: v.to(device=device, dtype=torch.float32) for k, v in out.items()}
+    return {k: v.to(device=device, dtype=torch.get_default_dtype()) for k, v in out.items()}   # float32 unless set
 
 
 # ---------------------------------------------------------------------------------------------
