@@ -149,12 +149,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_sinusoid_maml_learns_to_adapt():
     """A thousand meta-iterations (3 s): ten inner steps must cut the MSE to well under half the
-    pre-adaptation MSE (before adaptation the network can only predict the mean, MSE about 3)."""
-    r = maml.main(["--iterations", "1000", "--no-baseline", "--test-tasks", "100", "--val-every", "1000",
-                   "--val-tasks", "10"])
-    curve = r["test"]["K=10"]["maml"]
-    before, after = curve[0][0], curve[10][0]
-    assert after < 0.4 * before, (before, after)
+    pre-adaptation MSE (before adaptation the network can only predict the mean, MSE about 3). The
+    control, 1 iteration (no meta-learning), must fail the same threshold. Measured on a 2-core AMD EPYC:
+    1000 iterations 0.171 of the MSE before; 1 iteration 0.983."""
+    def ratio(iterations):
+        r = maml.main(["--iterations", str(iterations), "--no-baseline", "--test-tasks", "100", "--val-every",
+                       str(iterations), "--val-tasks", "10"])
+        curve = r["test"]["K=10"]["maml"]
+        return curve[10][0] / curve[0][0]
+    learned, control = ratio(1000), ratio(1)
+    assert learned < 0.45 < control, (learned, control)
 
 
 def test_plot(tmp_path):

@@ -476,9 +476,14 @@ def test_resume_after_a_crash_continues_identically(omniglot_dir, tmp_path, monk
 
 
 def test_sinusoid_reptile_learns_to_adapt():
-    """1500 iterations of Algorithm 1 (about 5 s): 32 inner steps must cut the MSE well below the
-    pre-adaptation MSE (which is about the wave's variance, A²/2 averaged, ≈ 4)."""
-    r = reptile.main(["--iterations", "1500", "--test-tasks", "100", "--val-every", "1500", "--val-tasks", "5"])
-    curve = r["test"]["Reptile"]["mse_by_step"]
-    before, after = curve[0][0], curve[-1][0]
-    assert after < 0.5 * before, (before, after)
+    """3000 iterations of Algorithm 1 (about 10 s): 32 inner steps must cut the MSE well below the
+    pre-adaptation MSE (about the wave's variance, A²/2 averaged, ≈ 4). The control, 1 iteration (no
+    meta-learning), must fail the same threshold. Measured on a 2-core AMD EPYC: 3000 iterations 0.394 of
+    the MSE before; 1 iteration 0.818 (and 1500 iterations 0.483, the old test's, too near its 0.5)."""
+    def ratio(iterations):
+        r = reptile.main(["--iterations", str(iterations), "--test-tasks", "100", "--val-every", str(iterations),
+                          "--val-tasks", "5"])
+        curve = r["test"]["Reptile"]["mse_by_step"]
+        return curve[-1][0] / curve[0][0]
+    learned, control = ratio(3000), ratio(1)
+    assert learned < 0.6 < control, (learned, control)
