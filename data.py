@@ -1155,20 +1155,20 @@ def format_curve(curve, steps=None):
 
 def plot_curves(path, curves, title, xlabel="inner gradient steps at test time", ylabel="query accuracy"):
     """Test curves, mean ± 95% CI against steps: curves is a list of (label, steps, [(mean, ci), ...]),
-    each optionally with a matplotlib line style as a fourth item (e.g. "--" for a paper's curve)."""
+    each optionally with a dict of matplotlib styles as a fourth item (e.g. a paper's curve dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, steps, stats, *style in curves:
         ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3,
-                    label=label, linestyle=style[0] if style else "-")
+                    label=label, **(style[0] if style else {}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))     # steps are whole numbers
     ax.set_title(title)
     if len(curves) > 1:
-        ax.legend()
+        ax.legend(fontsize=7 if len(curves) > 5 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"saved {path}")

@@ -47,7 +47,9 @@ def main(clone, out="results/authors_stored_results.json"):
 
 def over_seeds(runs):
     """Runs of one model, seeds apart: each step's mean over the seeds of the seeds' means, and half the
-    range of the seeds' means (the spread over seeds)."""
+    range of the seeds' means (the spread over seeds); one run: its mean ± 95% CI over tasks."""
+    if len(runs) == 1:
+        return runs[0]["test"]["return_by_step"]
     means = np.array([[m for m, _ in r["test"]["return_by_step"]] for r in runs])
     return [(float(m), float((hi - lo) / 2)) for m, lo, hi in zip(means.mean(0), means.min(0), means.max(0))]
 
@@ -64,16 +66,22 @@ def figure(env, out, *paths, stored="results/authors_stored_results.json"):
         if run["config"]["env"] != env:
             raise SystemExit(f"error: {path} is not a {env} run")
         runs.setdefault(label(run), []).append(run)
-    curves = [(f"{name} ({len(rs)} seeds)", range(len(rs[0]["test"]["return_by_step"])), over_seeds(rs))
+    names = [n.lower() for n in runs]
+    names += [n for n in ("maml", "anil", "pretrained", "random", "oracle") if n not in names]
+    color = {name: f"C{i}" for i, name in enumerate(names)}
+    curves = [(f"{name}, ours" + (f" ({len(rs)} seeds)" if len(rs) > 1 else ""),
+               range(len(rs[0]["test"]["return_by_step"])), over_seeds(rs), {"color": color[name.lower()]})
               for name, rs in runs.items()]
     with open(stored) as f:
         theirs = json.load(f)["return_by_step"]
     steps = len(curves[0][2])
     for key, stats in theirs.items():
-        if key.startswith(env + "/"):
+        env_name, model = key.split("/")
+        if env_name == env:
             stats = stats[:steps] if len(stats) > 1 else stats * steps      # the oracle: one number, never adapted
-            curves.append((f"{key.split('/')[1]}, authors' stored", range(len(stats)), stats, "--"))
-    data.plot_curves(out, curves, f"{env}: ours (mean of seeds, ± half their range), the authors' (dashed)",
+            curves.append((f"{model}, authors' stored", range(len(stats)), stats,
+                           {"color": color[model], "linestyle": "--", "alpha": 0.8}))
+    data.plot_curves(out, curves, f"{env}: ours solid, the authors' stored dashed",
                      "number of gradient steps", "average return per episode")
 
 

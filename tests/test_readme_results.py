@@ -78,6 +78,29 @@ def distributed(field, fmt):
     return cell
 
 
+def steps_slash(stats):
+    return " / ".join(signed(m, 2) for m, _ in stats)
+
+
+def over_seeds(j, row):
+    """The mean over the row's runs (one JSON per seed) of each step's mean return, with half the range
+    of the seeds' means: 'm (± h)' per step, joined by ' / '."""
+    runs = [json.loads((ROOT / "results" / name).read_text())
+            for name in dict.fromkeys(JSON.findall(" ".join(row.values())))]
+    means = [[m for m, _ in r["test"]["return_by_step"]] for r in runs]
+    return " / ".join(f"{signed(sum(c) / len(c), 2)} (± {(max(c) - min(c)) / 2:.2f})" for c in zip(*means))
+
+
+def stored(j, row):
+    """The authors' stored results (results/authors_stored_results.json, from cbfinn/maml_rl's pickles)."""
+    theirs = json.loads((ROOT / "results" / "authors_stored_results.json").read_text())["return_by_step"]
+    return steps_slash(theirs[f"{j['config']['env']}/{row['policy'].lower()}"][:4])          # their point runs tested 4 steps
+
+
+def log_std(j, row):
+    return " / ".join(f"{v:.2f}".replace("-", "−") for v in j["test"]["log_std_by_step"])
+
+
 # Column header -> the cell's expected text, from the row's JSON and the row's other cells.
 COLUMNS = {
     # test curves: MAML Table 1, ANIL, Reptile, navigation and HalfCheetah
@@ -109,6 +132,11 @@ COLUMNS = {
     "memory rise MiB, ours / loop / higher": memory,
     "1 process × 2 threads, ms": distributed("single_ms", "{:.0f}"),
     "2 processes × 1 thread, ms": distributed("multi_ms", "{:.0f}"), "speed-up": distributed("speedup", "{:.2f}×"),
+    # meta-RL over seeds, the authors' stored results, and the step-3 experiments
+    "ours, mean of 3 seeds (± half their range): 0 / 1 / 2 / 3 steps": over_seeds,
+    "the authors' stored (cbfinn/maml_rl): 0 / 1 / 2 / 3 steps": stored,
+    "seed": lambda j, r: str(j["config"]["seed"]),
+    "mean log σ at steps 0 / 1 / 2 / 3": log_std,
     # the α measurement: the step the run used
     "α here": lambda j, r: f"{j['config']['inner_lr']:g}",
 }

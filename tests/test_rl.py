@@ -538,7 +538,7 @@ def test_the_pretrained_meta_step_is_trpo_on_the_pooled_batch_without_an_inner_l
     """With no_inner_loop, meta_iteration's TRPO step equals trpo_step on the surrogate of the
     batch D_i itself, sampled by θ: the plain policy-gradient/TRPO baseline of Fig. 4/5."""
     from types import SimpleNamespace
-    cfg = SimpleNamespace(episodes=3, horizon=8, gamma=0.99, gae_lambda=1.0, inner_lr=0.1, first_order=False,
+    cfg = SimpleNamespace(episodes=3, horizon=8, sampling="episodes", gamma=0.99, gae_lambda=1.0, inner_lr=0.1, first_order=False,
                           max_kl=0.01, cg_iters=10, cg_damping=1e-5, ls_steps=15, ls_ratio=0.8,
                           hvp="gauss-newton", compare="pretrained")
     tasks = rl.Navigation2DVectorEnv.sample_tasks(2, np.random.default_rng(0))
