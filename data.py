@@ -1159,16 +1159,17 @@ def plot_curves(path, curves, title, xlabel="inner gradient steps at test time",
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    many = sum(c[0] is not None for c in curves) > 5          # then the legend goes beside the axes
+    fig, ax = plt.subplots(figsize=(8, 4) if many else (5, 3.5))
     for label, steps, stats, *style in curves:
-        ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3,
-                    label=label, **(style[0] if style else {}))
+        ax.errorbar(list(steps), [m for m, _ in stats], yerr=[c for _, c in stats], label=label,
+                    **{"marker": "o", "capsize": 3, **(style[0] if style else {})})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))     # steps are whole numbers
     ax.set_title(title)
     if len(curves) > 1:
-        ax.legend(fontsize=7 if len(curves) > 5 else None)
+        ax.legend(**({"fontsize": 7, "loc": "center left", "bbox_to_anchor": (1.02, 0.5)} if many else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"saved {path}")

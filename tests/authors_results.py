@@ -58,20 +58,36 @@ def label(run):
     return run["config"].get("compare") or run["algorithm"].upper()
 
 
-def figure(env, out, *paths, stored="results/authors_stored_results.json"):
+def a2(run):
+    """A run of the paper's stated settings (--protocol a2, or from before the flag existed)."""
+    return run["config"].get("protocol", "a2") == "a2"
+
+
+def figure(env, out, *paths, stored="results/authors_stored_results.json", floor=-100):
+    """Each of our runs solid (one line per seed, the seeds of a model in one colour), the authors'
+    stored curves dashed. Returns below `floor` (a seed that failed: see the README) are drawn on the
+    floor and marked with a down-pointing triangle, so that the other curves stay readable."""
     runs = {}
     for path in paths:
         with open(path) as f:
             run = json.load(f)
         if run["config"]["env"] != env:
             raise SystemExit(f"error: {path} is not a {env} run")
-        runs.setdefault(label(run), []).append(run)
-    names = [n.lower() for n in runs]
+        runs.setdefault((label(run), a2(run)), []).append(run)
+    names = list(dict.fromkeys(n.lower() for n, _ in runs))
     names += [n for n in ("maml", "anil", "pretrained", "random", "oracle") if n not in names]
     color = {name: f"C{i}" for i, name in enumerate(names)}
-    curves = [(f"{name}, ours" + (f" ({len(rs)} seeds)" if len(rs) > 1 else ""),
-               range(len(rs[0]["test"]["return_by_step"])), over_seeds(rs), {"color": color[name.lower()]})
-              for name, rs in runs.items()]
+    curves = []
+    both = len({stated for _, stated in runs}) > 1
+    for (name, stated), rs in runs.items():
+        for i, r in enumerate(sorted(rs, key=lambda r: r["config"]["seed"])):
+            stats = r["test"]["return_by_step"]
+            below = any(m < floor for m, _ in stats)
+            curves.append((f"{name}, ours" + (", A.2's settings" if stated and both else "")
+                           + (f" ({len(rs)} seeds)" if len(rs) > 1 else "") if i == 0 else None,
+                           range(len(stats)), [(max(m, floor), 0.0 if m < floor else c) for m, c in stats],
+                           {"color": color[name.lower()], "linewidth": 1, "marker": "v" if below else "o",
+                            "markersize": 4, **({"linestyle": ":"} if stated and both else {})}))
     with open(stored) as f:
         theirs = json.load(f)["return_by_step"]
     steps = len(curves[0][2])
@@ -79,9 +95,10 @@ def figure(env, out, *paths, stored="results/authors_stored_results.json"):
         env_name, model = key.split("/")
         if env_name == env:
             stats = stats[:steps] if len(stats) > 1 else stats * steps      # the oracle: one number, never adapted
-            curves.append((f"{model}, authors' stored", range(len(stats)), stats,
+            curves.append((f"{model.upper() if model == 'maml' else model}, authors' stored", range(len(stats)), stats,
                            {"color": color[model], "linestyle": "--", "alpha": 0.8}))
-    data.plot_curves(out, curves, f"{env}: ours solid, the authors' stored dashed",
+    data.plot_curves(out, curves, f"{env}: ours solid" + (" (A.2's settings dotted)" if both else "")
+                     + ", the authors' stored dashed",
                      "number of gradient steps", "average return per episode")
 
 

@@ -137,6 +137,12 @@ COLUMNS = {
     "the authors' stored (cbfinn/maml_rl): 0 / 1 / 2 / 3 steps": stored,
     "seed": lambda j, r: str(j["config"]["seed"]),
     "mean log σ at steps 0 / 1 / 2 / 3": log_std,
+    "mean episode length at steps 0 / 1 / 2 / 3":
+        lambda j, r: " / ".join(f"{v:.1f}" for v in j["test"]["episode_length_by_step"]),
+    "iterations trained": lambda j, r: str(j["iteration"] or "none"),
+    "step sizes at test": lambda j, r: " / ".join(f"{a:g}" for a in j["config"]["test_lrs"] or
+                                                  [j["config"]["inner_lr"]] + [j["config"]["inner_lr"] / 2] * 2),
+    "trajectories per step": lambda j, r: str(j["config"]["eval_episodes"]),
     # the α measurement: the step the run used
     "α here": lambda j, r: f"{j['config']['inner_lr']:g}",
 }
@@ -186,3 +192,16 @@ def test_a_swapped_cell_fails():
     row["1 step"], row["2 steps"] = row["2 steps"], row["1 step"]
     j = json.loads((ROOT / "results" / JSON.search(" ".join(row.values())).group(1)).read_text())
     assert row["1 step"] != COLUMNS["1 step"](j, row)
+
+
+def github_anchor(heading):
+    """GitHub's id for a heading: lower case, punctuation dropped (letters such as α kept), spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_reaches_a_heading():
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", README, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert links, "the README links none of its own sections"
+    assert not [a for a in links if a not in anchors], f"links to no heading; headings: {sorted(anchors)}"
+    assert github_anchor("The α convention, decided by measurement") == "the-α-convention-decided-by-measurement"

@@ -2,6 +2,7 @@
 baseline, GAE, policy gradient, TRPO), the task rewards against gymnasium's own quantities, and
 a tiny meta-iteration of every environment and algorithm."""
 
+import json
 import math
 import os
 import subprocess
@@ -579,3 +580,39 @@ def test_only_the_oracle_is_never_fine_tuned(compare, fine_tuned, monkeypatch):
     test = policies[-3:]   # steps 0, 1, 2 of the test curve
     changed = [any(not torch.equal(test[s][k], test[0][k]) for k in test[0]) for s in (1, 2)]
     assert changed == [fine_tuned, fine_tuned]
+
+
+def test_the_authors_figure_draws_each_seed_and_their_stored_curves(tmp_path, monkeypatch):
+    """tests/authors_results.py figure: one line per seed under one label, A.2's runs dotted beside the
+    authors' protocol, the stored curves dashed (the oracle's one number at every step), and a return
+    below the floor drawn on it with a down-pointing marker."""
+    import authors_results
+    import data
+
+    def run(name, seed, protocol, curve):
+        path = tmp_path / f"{name}_{protocol}_{seed}.json"
+        path.write_text(json.dumps({"algorithm": "maml", "test": {"return_by_step": curve},
+                                    "config": {"env": "navigation2d", "seed": seed, "protocol": protocol,
+                                               "compare": None if name == "maml" else name}}))
+        return str(path)
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"return_by_step": {"navigation2d/maml": [[-40, 1], [-11, 1], [-3, 1], [-3, 1], [-2, 1]],
+                                                     "navigation2d/oracle": [[-2.3, 0.1]],
+                                                     "halfcheetah-dir/maml": [[-50, 1]] * 4}}))
+    paths = [run("maml", 1, "authors", [[-40, 2], [-12, 2], [-6, 2], [-5, 2]]),
+             run("maml", 0, "authors", [[-372, 9], [-38, 5], [-17, 4], [-12, 6]]),
+             run("maml", 0, "a2", [[-35, 4], [-13, 2], [-7, 1], [-8, 1]])]
+    drawn = {}
+    monkeypatch.setattr(data, "plot_curves", lambda out, curves, title, *a: drawn.update(curves=curves, title=title))
+    authors_results.figure("navigation2d", str(tmp_path / "f.png"), *paths, stored=str(stored), floor=-100)
+    labels = [c[0] for c in drawn["curves"]]
+    assert labels == ["MAML, ours (2 seeds)", None, "MAML, ours, A.2's settings", "MAML, authors' stored",
+                      "oracle, authors' stored"]
+    seed0 = drawn["curves"][0]                                     # sorted by seed: seed 0 first
+    assert seed0[2][0] == (-100, 0.0) and seed0[2][1] == (-38, 5) and seed0[3]["marker"] == "v"
+    assert drawn["curves"][1][3]["marker"] == "o" and "linestyle" not in drawn["curves"][1][3]
+    assert drawn["curves"][2][3]["linestyle"] == ":"
+    assert [c[3]["linestyle"] for c in drawn["curves"][3:]] == ["--", "--"]
+    assert len(drawn["curves"][3][2]) == 4 and drawn["curves"][4][2] == [[-2.3, 0.1]] * 4
+    with pytest.raises(SystemExit, match="not a halfcheetah-dir run"):
+        authors_results.figure("halfcheetah-dir", str(tmp_path / "g.png"), *paths, stored=str(stored))
