@@ -71,7 +71,9 @@ def test_the_two_protocols_fill_the_unset_flags_and_a_given_flag_wins():
     oracle = parse(["--env", "navigation2d", "--protocol", "authors", "--compare", "oracle"])
     assert (oracle.meta_batch_size, oracle.episodes) == (10, 1)          # trpo_point.py: 1000 steps a batch
     cheetah = parse(["--env", "halfcheetah-dir", "--protocol", "authors", "--compare", "pretrained"])
-    assert (cheetah.inner_lr, cheetah.max_kl, cheetah.meta_batch_size, cheetah.eval_episodes) == (0.2, 0.02, 40, 20)
+    assert (cheetah.inner_lr, cheetah.max_kl, cheetah.meta_batch_size, cheetah.eval_episodes) == (0.2, 0.01, 5, 20)
+    maml_cheetah = parse(["--env", "halfcheetah-dir", "--protocol", "authors"])
+    assert (maml_cheetah.inner_lr, maml_cheetah.max_kl, maml_cheetah.meta_batch_size) == (0.1, 0.02, 40)
     assert parse(["--env", "navigation2d", "--protocol", "authors"], "anil").meta_batch_size == 40   # ANIL App. E.5
     given = parse(["--env", "navigation2d", "--protocol", "authors", "--inner-lr", "0.3", "--snapshot", "best"])
     assert (given.inner_lr, given.snapshot) == (0.3, "best")
