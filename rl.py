@@ -887,7 +887,7 @@ def run(cfg, saved, inner_adapt, algorithm):
     envs.close()
     stats = [data.mean_ci(r) for r in curve]
     print(f"\nmeta-test: {cfg.test_tasks} tasks of {cfg.env}, {cfg.eval_episodes} episodes per step, "
-          f"{algorithm.upper()}, return per episode ± 95% CI after k gradient steps "
+          f"{cfg.compare or algorithm.upper()}, return per episode ± 95% CI after k gradient steps "
           f"(step sizes {test_step_sizes(cfg, cfg.eval_steps)}):")
     print("  " + "  ".join(f"{s}:{m:.2f}±{c:.2f}" for s, (m, c) in enumerate(stats)))
     print(" ".join(f"return_step{s}={m:.3f}" for s, (m, _) in enumerate(stats)))

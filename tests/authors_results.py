@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
@@ -43,15 +42,6 @@ def main(clone, out="results/authors_stored_results.json"):
         json.dump(results, f, indent=1)
     for key, stats in results["return_by_step"].items():
         print(f"{key:28s}" + "  ".join(f"{m:8.2f} ± {c:5.2f}" for m, c in stats))
-
-
-def over_seeds(runs):
-    """Runs of one model, seeds apart: each step's mean over the seeds of the seeds' means, and half the
-    range of the seeds' means (the spread over seeds); one run: its mean ± 95% CI over tasks."""
-    if len(runs) == 1:
-        return runs[0]["test"]["return_by_step"]
-    means = np.array([[m for m, _ in r["test"]["return_by_step"]] for r in runs])
-    return [(float(m), float((hi - lo) / 2)) for m, lo, hi in zip(means.mean(0), means.min(0), means.max(0))]
 
 
 def label(run):

@@ -140,7 +140,7 @@ COLUMNS = {
     "mean episode length at steps 0 / 1 / 2 / 3":
         lambda j, r: " / ".join(f"{v:.1f}" for v in j["test"]["episode_length_by_step"]),
     "iterations trained": lambda j, r: str(j["iteration"] or "none"),
-    "step sizes at test": lambda j, r: " / ".join(f"{a:g}" for a in j["config"]["test_lrs"] or
+    "step sizes at test": lambda j, r: " / ".join(f"{a:g}" for a in j["config"].get("test_lrs") or
                                                   [j["config"]["inner_lr"]] + [j["config"]["inner_lr"] / 2] * 2),
     "trajectories per step": lambda j, r: str(j["config"]["eval_episodes"]),
     # the α measurement: the step the run used
