@@ -165,7 +165,7 @@ def finalize_config(cfg, algorithm="maml"):
     preset = dict(ENV_SETTINGS[cfg.env], **A2, snapshot="best", sampling="episodes", pretrain_adam_lr=None)
     if cfg.protocol == "authors":
         preset.update(AUTHORS[cfg.env][None], snapshot="last", sampling="steps", **AUTHORS[cfg.env].get(cfg.compare, {}))
-    if algorithm == "anil":
+    if algorithm == "anil" and cfg.compare is None:      # the comparison policies keep their own batches
         preset["meta_batch_size"] = 40                     # ANIL App. E.5: "a batch size of 40"
     for k, v in preset.items():
         if getattr(cfg, k, None) is None:

@@ -143,6 +143,7 @@ COLUMNS = {
     "step sizes at test": lambda j, r: " / ".join(f"{a:g}" for a in j["config"].get("test_lrs") or
                                                   [j["config"]["inner_lr"]] + [j["config"]["inner_lr"] / 2] * 2),
     "trajectories per step": lambda j, r: str(j["config"]["eval_episodes"]),
+    "best iteration tested": lambda j, r: str(j["best_iteration"]),
     # the α measurement: the step the run used
     "α here": lambda j, r: f"{j['config']['inner_lr']:g}",
 }

@@ -75,6 +75,7 @@ def test_the_two_protocols_fill_the_unset_flags_and_a_given_flag_wins():
     maml_cheetah = parse(["--env", "halfcheetah-dir", "--protocol", "authors"])
     assert (maml_cheetah.inner_lr, maml_cheetah.max_kl, maml_cheetah.meta_batch_size) == (0.1, 0.02, 40)
     assert parse(["--env", "navigation2d", "--protocol", "authors"], "anil").meta_batch_size == 40   # ANIL App. E.5
+    assert parse(["--env", "navigation2d", "--protocol", "authors", "--compare", "oracle"], "anil").meta_batch_size == 10
     given = parse(["--env", "navigation2d", "--protocol", "authors", "--inner-lr", "0.3", "--snapshot", "best"])
     assert (given.inner_lr, given.snapshot) == (0.3, "best")
     try:
