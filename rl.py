@@ -408,20 +408,48 @@ class Episodes:
 def sample_steps(envs, params, tasks, episodes, horizon, generator, desc="sampling", oracle=False, min_steps=None):
     """sample(), or with min_steps whole episodes of each task until it has min_steps steps (rllab's
     samplers, with whole_paths: the authors' batches are K·H steps in training and 4000 at test, so an
-    episode that ends early at the goal leaves room for more). Rounds of `episodes` episodes are drawn
-    until every task has its steps; a task's episodes past its budget get mask 0."""
+    episode that ends early at the goal leaves room for more). Further rounds of `episodes` episodes are
+    drawn for the tasks still short of their steps only; a task's episodes past its budget get mask 0.
+    (T, E, H), E the most episodes any task needed: pack_steps() makes it small for the losses."""
     ep = sample(envs, params, tasks, episodes, horizon, generator, desc, oracle)
     if min_steps is None:
         return ep
-    rounds = [ep]
-    while sum(r.mask.sum((1, 2)) for r in rounds).min() < min_steps:
-        rounds.append(sample(envs, params, tasks, episodes, horizon, generator, desc, oracle))
-    ep = Episodes(*(torch.cat([getattr(r, k) for r in rounds], 1) for k in ("obs", "actions", "rewards", "mask",
-                                                                              "log_prob")))
-    lengths = ep.mask.sum(-1)                                             # (T, K·rounds)
+    fields = ("obs", "actions", "rewards", "mask", "log_prob")
+    chunks = [[{k: getattr(ep, k)[i] for k in fields}] for i in range(len(tasks))]   # per task, (K, H, ...) each
+    steps = ep.mask.sum((1, 2))
+    while (steps < min_steps).any():
+        short = (steps < min_steps).nonzero().flatten().tolist()
+        more = sample(envs, {k: v[short] for k, v in params.items()}, [tasks[i] for i in short], episodes, horizon,
+                      generator, desc, oracle)
+        for j, i in enumerate(short):
+            chunks[i].append({k: getattr(more, k)[j] for k in fields})
+            steps[i] += more.mask[j].sum()
+    E = max(len(c) for c in chunks) * episodes
+    ep = Episodes(*(torch.stack([F.pad(torch.cat([c[k] for c in task]),
+                                       (0, 0) * (getattr(ep, k).dim() - 3) + (0, 0, 0, E - len(task) * episodes))
+                                 for task in chunks]) for k in fields))
+    lengths = ep.mask.sum(-1)                                             # (T, E)
     counted = (lengths.cumsum(1) - lengths < min_steps).to(ep.mask.dtype)  # the steps before it fall short
     ep.mask, ep.rewards = ep.mask * counted.unsqueeze(-1), ep.rewards * counted.unsqueeze(-1)
     return ep
+
+
+def pack_steps(ep):
+    """rllab's flat batch: each task's valid steps, in order, as one row (T, 1, S), S the most any task has.
+    For the losses only, once the advantages are computed (the returns and GAE need the episodes): with a
+    step budget, a task whose episodes end at the goal draws many short ones, each padded to H in
+    sample_steps' layout (ANIL seed 1, iteration 98: 1773 episodes of 1.2 steps, 1% of 7.1 M step slots used,
+    and the policy's graph over all of them ran out of 24 GB). A full batch keeps its order exactly."""
+    valid = ep.mask.flatten(1) > 0                                        # (T, E·H)
+    S = int(valid.sum(1).max())
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :S]   # valid steps first
+
+    def take(x):
+        flat_x = x.flatten(1, 2)
+        idx = order.reshape(*order.shape, *([1] * (flat_x.dim() - 2))).expand(-1, -1, *flat_x.shape[2:])
+        return flat_x.gather(1, idx).unsqueeze(1)
+    return Episodes(*(None if v is None else take(v) for v in (
+        ep.obs, ep.actions, ep.rewards, ep.mask, ep.log_prob, ep.advantages)))
 
 
 @torch.no_grad()
@@ -695,17 +723,20 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device, ada
     oracle = cfg.compare == "oracle"
     # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
     budget = cfg.episodes * cfg.horizon if cfg.sampling == "steps" else None
-    train_eps = compute_advantages(sample_steps(envs, theta, tasks, cfg.episodes, cfg.horizon, generator, "D_i", oracle,
-                                                budget), cfg.gamma, cfg.gae_lambda).to(device)
+
+    def batch(policy, name):   # the mean return per episode, and the batch for the losses
+        ep = compute_advantages(sample_steps(envs, policy, tasks, cfg.episodes, cfg.horizon, generator, name, oracle,
+                                             budget), cfg.gamma, cfg.gae_lambda)
+        return ep.mean_return().mean().item(), (pack_steps(ep) if budget else ep).to(device)
+    return_before, train_eps = batch(theta, "D_i")
     if inner_adapt is no_inner_loop:
         # the pretrained and oracle policies of Fig. 4/5: plain TRPO on the pooled batch D_i
-        fast, valid_eps = per_task({k: v.detach() for k, v in params.items()}, T), train_eps
+        fast, valid_eps, return_after = per_task({k: v.detach() for k, v in params.items()}, T), train_eps, return_before
     else:
         # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
         fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
                            train_eps, cfg.inner_lr, first_order=True)
-        valid_eps = compute_advantages(sample_steps(envs, cpu_copy(fast), tasks, cfg.episodes, cfg.horizon, generator,
-                                                    "D'_i", oracle, budget), cfg.gamma, cfg.gae_lambda).to(device)
+        return_after, valid_eps = batch(cpu_copy(fast), "D'_i")
     with torch.no_grad():
         old_dist = tuple(d.detach() for d in policy_forward({k: v.detach() for k, v in fast.items()},
                                                             flat_obs(valid_eps)))
@@ -722,8 +753,7 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device, ada
     else:                  # Alg. 3 line 10, with TRPO as the meta-optimizer (§5.3)
         info = trpo_step(params, objective, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_steps, cfg.ls_ratio,
                          cfg.hvp)
-    info["return_before"] = train_eps.mean_return().mean().item()
-    info["return_after"] = valid_eps.mean_return().mean().item()
+    info["return_before"], info["return_after"] = return_before, return_after
     return info
 
 
@@ -759,7 +789,8 @@ def adaptation_returns(params, inner_adapt, envs, cfg, n_tasks, seed, steps, dev
             record.setdefault("episode_length", []).append(round((lengths.sum() / (lengths > 0).sum()).item(), 2))
             record.setdefault("episodes", []).append(round((lengths > 0).sum(1).float().mean().item(), 2))
         if step < steps:
-            ep = compute_advantages(ep, cfg.gamma, cfg.gae_lambda).to(device)
+            ep = compute_advantages(ep, cfg.gamma, cfg.gae_lambda)
+            ep = (pack_steps(ep) if budget else ep).to(device)
             fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
             fast = {k: v.detach() for k, v in inner_adapt(fast, ep, lrs[step], first_order=True).items()}
     return np.stack(rows)
