@@ -22,8 +22,8 @@ Symbols, as in maml.py:
     H   horizon      steps per episode (100 navigation, 200 locomotion)
     γ, λ gamma, gae_lambda   discount and GAE parameter (0.99, 1.0)
 
-Run:    python maml.py --env navigation2d          (MAML on 2D navigation: 46 minutes on 1 thread of a busy 2-core CPU)
-        python maml.py --env navigation2d --protocol authors   (the run behind the authors' stored results: 17-32 minutes)
+Run:    python maml.py --env navigation2d          (the run behind the authors' stored results, their protocol)
+        python maml.py --env navigation2d --protocol a2   (the paper's stated settings, A.2: 46 minutes on 1 thread)
         python anil.py --env halfcheetah-dir --iterations 50
         python maml.py --env navigation2d --help   (every flag with its paper value)
 """
@@ -56,10 +56,11 @@ def per_task(params, tasks):
 # Config: MAML §5.3 and A.2, with the reference PyTorch implementation's TRPO settings
 # ---------------------------------------------------------------------------------------------
 
-# A.2 (--protocol a2): one inner step with α = 0.1; meta-batch 20 (navigation) or 40 (locomotion); up to 500
-# meta-iterations. §5.3: 20 rollouts per gradient step (40 for the ant direction task); horizon
-# 100 (navigation) and 200 (locomotion). TRPO: max KL 0.01, 10 conjugate-gradient iterations with
-# damping 1e-5, line search of 15 steps with ratio 0.8 (rllab's and pytorch-maml-rl's values).
+# A.2 (--protocol a2, the default where the authors stored no results): one inner step with α = 0.1;
+# meta-batch 20 (navigation) or 40 (locomotion); up to 500 meta-iterations. §5.3: 20 rollouts per gradient
+# step (40 for the ant direction task); horizon 100 (navigation) and 200 (locomotion). TRPO: max KL 0.01, 10
+# conjugate-gradient iterations with damping 1e-5, line search of 15 steps with ratio 0.8 (rllab's and
+# pytorch-maml-rl's values).
 ENV_SETTINGS = {
     "navigation2d":    dict(meta_batch_size=20, episodes=20, horizon=100),
     "halfcheetah-dir": dict(meta_batch_size=40, episodes=20, horizon=200),
@@ -69,18 +70,18 @@ ENV_SETTINGS = {
 }
 A2 = dict(inner_lr=0.1, iterations=500, max_kl=0.01, eval_episodes=40)
 
-# --protocol authors: the runs behind the authors' stored results (cbfinn/maml_rl, icml/icml_*_results_*.pkl,
-# MAML Table 4 and Fig. 4/5), read from the scripts that wrote them. Navigation: test_maml_point.py loads
-# trpomaml1_fbs20_mbs20_flr_0.5 (maml_trpo_point.py: α 0.5, meta-batch 20, 20 trajectories, 100 iterations,
-# snapshot_mode "last"); its pretrained policy maml0_… is the same script with use_maml=False (maml_npo.py: one
-# Adam step, lr 1e-3, per iteration on the pre-update batch); its oracle is trpo_point.py (TRPO, 1000 steps =
-# 10 episodes of fresh goals per iteration, 100 iterations). The test is VPG with a first step of α and
-# later steps of α/2 (init_learning_rate, then learning_rate 0.5·α; 0.5 for MAML, pretrained and random),
-# 4000 environment steps per step (40 paths of 100), on 40 goals drawn by np.random.seed(1).
-# HalfCheetah direction: test_maml_cheetah_direc.py loads maml1_fbs20_mbs40_flr_0.1_mlr0.02/itr_100 (α 0.1,
-# meta-batch 40, max KL 0.02, 100 iterations); pretrained is randenv (TRPO on the pooled tasks); the test
-# steps are 0.1 (MAML), 0.2 (pretrained) and 0.5 (random), 4000 steps (20 paths of 200), directions from
-# 40 draws of U[0, 2] after np.random.seed(1) (backward below 1).
+# --protocol authors (the default for these two envs): the runs behind the authors' stored results
+# (cbfinn/maml_rl, icml/icml_*_results_*.pkl, MAML Table 4 and Fig. 4/5), read from the scripts that wrote
+# them. Navigation: test_maml_point.py loads trpomaml1_fbs20_mbs20_flr_0.5 (maml_trpo_point.py: α 0.5,
+# meta-batch 20, 20 trajectories, 100 iterations, snapshot_mode "last"); its pretrained policy maml0_… is the
+# same script with use_maml=False (maml_npo.py: one Adam step, lr 1e-3, per iteration on the pre-update
+# batch); its oracle is trpo_point.py (TRPO, 1000 steps = 10 episodes of fresh goals per iteration, 100
+# iterations). The test is VPG with a first step of α and later steps of α/2 (init_learning_rate, then
+# learning_rate 0.5·α; 0.5 for MAML, pretrained and random), 4000 environment steps per step (40 paths of
+# 100), on 40 goals drawn by np.random.seed(1). HalfCheetah direction: test_maml_cheetah_direc.py loads
+# maml1_fbs20_mbs40_flr_0.1_mlr0.02/itr_100 (α 0.1, meta-batch 40, max KL 0.02, 100 iterations); pretrained is
+# randenv (TRPO on the pooled tasks); the test steps are 0.1 (MAML), 0.2 (pretrained) and 0.5 (random), 4000
+# steps (20 paths of 200), directions from 40 draws of U[0, 2] after np.random.seed(1) (backward below 1).
 AUTHORS = {
     "navigation2d": {None: dict(inner_lr=0.5, iterations=100, max_kl=0.01, meta_batch_size=20, eval_episodes=40),
                      "pretrained": dict(pretrain_adam_lr=1e-3),
@@ -109,10 +110,11 @@ def build_parser(prog, algorithm):
     a("--env", required=True, choices=sorted(ENV_SETTINGS), help="task distribution (§5.3)")
     a("--first-order", action="store_true", help="first-order: the inner gradient is a constant in the "
       "meta-gradient and in TRPO's Hessian-vector products")
-    a("--protocol", choices=["a2", "authors"], default="a2", help="the presets of the unset flags: a2, the "
-      "paper's stated settings (A.2: α 0.1, 500 iterations, the best validated model); authors, the runs behind "
-      "the authors' stored results (navigation2d, halfcheetah-dir: α 0.5 / 0.1, 100 iterations, the last "
-      "iterate, their 40 test tasks, their pretrained policy)")
+    a("--protocol", choices=["a2", "authors"], default=None, help="the presets of the unset flags: authors, the "
+      "runs behind the authors' stored results (α 0.5 / 0.1, 100 iterations, the last iterate, their 40 test "
+      "tasks, their pretrained policy; the default for navigation2d and halfcheetah-dir, whose results they "
+      "stored); a2, the paper's stated settings (A.2: α 0.1, 500 iterations, the best validated model; the "
+      "default for the other envs)")
     a("--inner-lr", type=float, default=None, help="α, inner step size (A.2: 0.1; α/2 after the first test step)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (A.2: 20 navigation, 40 locomotion)")
     a("--episodes", type=int, default=None, help="K, trajectories per task and gradient step (§5.3: 20; ant-dir 40)")
@@ -158,7 +160,10 @@ def build_parser(prog, algorithm):
 
 
 def finalize_config(cfg, algorithm="maml"):
-    """Fill unset flags with the env's settings of the chosen protocol and reject impossible combinations."""
+    """Fill unset flags with the env's settings of the chosen protocol and reject impossible combinations.
+    The protocol is the authors' where their stored results exist (STYLE: the run behind the number)."""
+    if cfg.protocol is None:
+        cfg.protocol = "authors" if cfg.env in AUTHORS else "a2"
     if cfg.protocol == "authors" and cfg.env not in AUTHORS:
         raise SystemExit(f"error: --protocol authors: the authors' stored results cover {' and '.join(AUTHORS)} "
                          f"here, not {cfg.env}")

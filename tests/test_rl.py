@@ -520,7 +520,7 @@ def test_the_test_samples_eval_episodes_trajectories_per_step(monkeypatch):
         return real(envs, params, tasks, episodes, *args, **kw)
     monkeypatch.setattr(rl, "sample", counting)
     r = maml.main(["--env", "navigation2d", "--iterations", "1", "--meta-batch-size", "2", "--episodes", "2",
-                   "--horizon", "5", "--test-tasks", "2", "--val-tasks", "2", "--eval-steps", "2"])
+                   "--horizon", "5", "--test-tasks", "2", "--val-tasks", "2", "--eval-steps", "2", "--protocol", "a2"])
     assert r["config"]["eval_episodes"] == 40
     assert seen[-3:] == [40, 40, 40] and 40 not in seen[:-3]     # training and validation use K = 2
 

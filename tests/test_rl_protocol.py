@@ -3,6 +3,7 @@ A.2's step sizes at test time (α, then α/2) and the model that is tested (the 
 or the last with --snapshot last). Each check has a control that a wrong protocol fails."""
 
 import numpy as np
+import pytest
 import torch
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import rl
 
 NAV = ["--env", "navigation2d", "--iterations", "4", "--meta-batch-size", "3", "--episodes", "3",
        "--horizon", "10", "--test-tasks", "2", "--val-tasks", "2", "--val-every", "1", "--eval-steps", "3",
-       "--device", "cpu"]
+       "--device", "cpu", "--protocol", "a2"]   # A.2: a given --protocol authors later on the line wins
 
 
 def test_the_test_steps_are_alpha_then_half_alpha():
@@ -63,7 +64,11 @@ def parse(argv, algorithm="maml"):
 
 
 def test_the_two_protocols_fill_the_unset_flags_and_a_given_flag_wins():
-    a2 = parse(["--env", "navigation2d"])
+    # the default: the authors' protocol where their results are stored (STYLE 21), A.2 elsewhere
+    assert parse(["--env", "navigation2d"]).protocol == parse(["--env", "halfcheetah-dir"]).protocol == "authors"
+    assert parse(["--env", "ant-dir"]).protocol == "a2"
+    assert parse(["--env", "navigation2d"]).inner_lr == 0.5
+    a2 = parse(["--env", "navigation2d", "--protocol", "a2"])
     assert (a2.inner_lr, a2.iterations, a2.meta_batch_size, a2.snapshot, a2.pretrain_adam_lr) == (0.1, 500, 20, "best", None)
     authors = parse(["--env", "navigation2d", "--protocol", "authors"])
     assert (authors.inner_lr, authors.iterations, authors.meta_batch_size, authors.snapshot) == (0.5, 100, 20, "last")
@@ -148,3 +153,82 @@ def test_a_step_budget_keeps_whole_episodes_until_each_task_has_its_steps():
     near, far = -(0.005 ** 2 * 2) ** 0.5, -5 * (0.4 ** 2 * 2) ** 0.5
     assert torch.allclose(ep.mean_return(), torch.tensor([near, far]), atol=1e-4)   # the dropped ones do not count
     assert rl.sample_steps(envs, rl.per_task(params, 2), tasks, 3, 5, torch.Generator().manual_seed(0)).mask.shape[1] == 3
+
+
+def test_only_the_tasks_short_of_their_steps_draw_more_episodes(monkeypatch):
+    """rllab samples each task until it has its steps: the near goal of the test above needs 4 rounds, the
+    far one 1, so the rounds after the first hold the near goal alone (before the fix every task was drawn
+    again, and a task at one step from its goal made all of them 1773 episodes long: out of memory)."""
+    drawn = []
+    real = rl.sample
+
+    def spy(envs, params, tasks, *rest):
+        drawn.append([t["goal"] for t in tasks])
+        return real(envs, params, tasks, *rest)
+    monkeypatch.setattr(rl, "sample", spy)
+    params = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
+    params["fc3.w"].zero_()
+    params["fc3.b"].zero_()
+    params["log_std"].fill_(-20.0)
+    near, far = (0.005, 0.005), (0.4, 0.4)
+    ep = rl.sample_steps(rl.make_vector_env("navigation2d", 6, 5), rl.per_task(params, 2),
+                         [{"goal": near}, {"goal": far}], 3, 5, torch.Generator().manual_seed(0), min_steps=10)
+    assert drawn == [[near, far], [near], [near], [near]]
+    assert ep.mask.sum(-1)[1].tolist() == [5.0, 5.0] + [0.0] * 10
+
+
+def packed_and_padded():
+    """A batch of two tasks with episodes of 1 to 5 steps, advantages computed, and its packed form."""
+    g = torch.Generator().manual_seed(0)
+    T, E, H = 2, 6, 5
+    lengths = torch.tensor([[1, 1, 1, 1, 1, 0], [5, 3, 2, 0, 0, 0]])
+    mask = (torch.arange(H) < lengths.unsqueeze(-1)).float()
+    ep = rl.Episodes(torch.randn(T, E, H, 2, generator=g) * mask.unsqueeze(-1), torch.randn(T, E, H, 2, generator=g),
+                     torch.randn(T, E, H, generator=g) * mask, mask, torch.randn(T, E, H, generator=g) * mask)
+    return rl.compute_advantages(ep, 0.99, 1.0), lengths
+
+
+def test_packing_keeps_each_tasks_valid_steps_in_order_and_the_losses():
+    ep, lengths = packed_and_padded()
+    packed = rl.pack_steps(ep)
+    assert packed.mask.shape == (2, 1, 10)                            # the most steps any task has: 5 and 10
+    assert packed.mask.sum(-1).flatten().tolist() == [5.0, 10.0]
+    for t in range(2):
+        valid = ep.mask[t] > 0
+        n = int(valid.sum())
+        assert torch.equal(packed.obs[t, 0, :n], ep.obs[t][valid])    # E·H order: episode by episode
+        assert torch.equal(packed.advantages[t, 0, :n], ep.advantages[t][valid])
+        assert packed.mask[t, 0, n:].sum() == 0
+    params = rl.per_task(rl.init_policy(2, 2, torch.Generator().manual_seed(1)), 2)
+    for loss in (lambda e: rl.reinforce_loss(rl.policy_forward(params, rl.flat_obs(e)), e),
+                 lambda e: rl.surrogate_and_kl(params, e, tuple(d + 0.1 for d in rl.policy_forward(
+                     params, rl.flat_obs(e))))[1]):
+        torch.testing.assert_close(loss(packed), loss(ep), rtol=1e-6, atol=1e-7)
+    # a full batch (HalfCheetah's: no episode ends early) is the same tensors in the same order
+    full = rl.compute_advantages(rl.Episodes(ep.obs, ep.actions, ep.rewards, torch.ones_like(ep.mask), ep.log_prob), 0.99, 1.0)
+    f, p = full.obs.flatten(1, 2), rl.pack_steps(full)
+    assert torch.equal(rl.flat_obs(p), f)
+    assert torch.equal(rl.reinforce_loss(rl.policy_forward(params, f), p),
+                       rl.reinforce_loss(rl.policy_forward(params, f), full))
+
+
+def test_the_authors_protocol_trains_on_packed_batches(monkeypatch):
+    """meta_iteration with a step budget hands the inner loop and TRPO each task's steps as one row."""
+    shapes = []
+
+    def inner(params, episodes, lr, first_order):
+        shapes.append(tuple(episodes.mask.shape))
+        return params
+    cfg = SimpleNamespace(episodes=3, horizon=8, sampling="steps", gamma=0.99, gae_lambda=1.0, inner_lr=0.1,
+                          first_order=True, max_kl=0.01, cg_iters=3, cg_damping=1e-5, ls_steps=3, ls_ratio=0.8,
+                          hvp="gauss-newton", compare=None)
+    tasks = rl.Navigation2DVectorEnv.sample_tasks(2, np.random.default_rng(0))
+    init = rl.init_policy(2, 2, torch.Generator().manual_seed(0))
+    params = {k: v.clone().requires_grad_() for k, v in init.items()}
+    info = rl.meta_iteration(params, inner, rl.make_vector_env("navigation2d", 6, 8), tasks, cfg,
+                             torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert shapes and all(s[1] == 1 and s[2] >= 24 for s in shapes)   # (T, 1, S), S ≥ K·H
+    # the return per episode comes from the batch before packing (one row would sum all its episodes)
+    d_i = rl.sample_steps(rl.make_vector_env("navigation2d", 6, 8), rl.per_task(init, 2), tasks, 3, 8,
+                          torch.Generator().manual_seed(3), min_steps=24)
+    assert info["return_before"] == pytest.approx(d_i.mean_return().mean().item(), rel=1e-6)
