@@ -942,6 +942,8 @@ def main(argv, adapt_policy, algorithm, prog):
     data.refuse_distributed(prog + " --env", "TRPO's meta-step is a sequence of conjugate-gradient steps over the "
                             "whole meta-batch; --vector async samples the environments in parallel processes")
     data.check_session_flags(args)
+    if saved and "protocol" not in saved["config"] and args.protocol is None:
+        args.protocol = "a2"           # a checkpoint from before --protocol existed: A.2 was the only preset
     cfg = finalize_config(args, algorithm)
     data.seed_everything(cfg.seed)
     results = data.write_results(cfg.out, run(cfg, saved, adapt_policy, algorithm))

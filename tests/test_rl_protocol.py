@@ -232,3 +232,16 @@ def test_the_authors_protocol_trains_on_packed_batches(monkeypatch):
     d_i = rl.sample_steps(rl.make_vector_env("navigation2d", 6, 8), rl.per_task(init, 2), tasks, 3, 8,
                           torch.Generator().manual_seed(3), min_steps=24)
     assert info["return_before"] == pytest.approx(d_i.mean_return().mean().item(), rel=1e-6)
+
+
+def test_a_checkpoint_keeps_its_protocol_and_one_from_before_the_flag_is_a2(tmp_path):
+    """--load takes the protocol the checkpoint was trained with; a checkpoint saved before --protocol
+    existed (no such key) was trained with A.2, not with today's default for navigation2d."""
+    ckpt = tmp_path / "a2.pt"
+    maml.main(NAV + ["--iterations", "1", "--save", str(ckpt)])
+    assert maml.main(["--env", "navigation2d", "--load", str(ckpt), "--eval-only"])["config"]["protocol"] == "a2"
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["protocol"]
+    torch.save(state, ckpt)
+    r = maml.main(["--env", "navigation2d", "--load", str(ckpt), "--eval-only"])
+    assert (r["config"]["protocol"], r["config"]["snapshot"], r["config"]["sampling"]) == ("a2", "best", "episodes")
