@@ -115,11 +115,12 @@ def build_parser(prog, algorithm):
       "tasks, their pretrained policy; the default for navigation2d and halfcheetah-dir, whose results they "
       "stored); a2, the paper's stated settings (A.2: α 0.1, 500 iterations, the best validated model; the "
       "default for the other envs)")
-    a("--inner-lr", type=float, default=None, help="α, inner step size (A.2: 0.1; α/2 after the first test step)")
+    a("--inner-lr", type=float, default=None, help="α, inner step size (A.2: 0.1; the authors' runs: 0.5 "
+      "navigation, 0.1 HalfCheetah; α/2 after the first test step)")
     a("--meta-batch-size", type=int, default=None, help="T, tasks per meta-update (A.2: 20 navigation, 40 locomotion)")
     a("--episodes", type=int, default=None, help="K, trajectories per task and gradient step (§5.3: 20; ant-dir 40)")
     a("--horizon", type=int, default=None, help="H, steps per episode (§5.3: 100 navigation, 200 locomotion)")
-    a("--iterations", type=int, default=None, help="meta-iterations (A.2: up to 500)")
+    a("--iterations", type=int, default=None, help="meta-iterations (A.2: up to 500; the authors' runs: 100)")
     a("--gamma", type=float, default=0.99, help="γ, discount")
     a("--gae-lambda", type=float, default=1.0, help="λ of GAE (1.0: Monte-Carlo returns minus the baseline)")
     a("--max-kl", type=float, default=None, help="TRPO trust region: mean KL between adapted policies (0.01)")
@@ -726,17 +727,18 @@ def meta_iteration(params, inner_adapt, envs, tasks, cfg, generator, device, ada
     T = len(tasks)
     theta = per_task(cpu_copy(params), T)
     oracle = cfg.compare == "oracle"
-    # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
     budget = cfg.episodes * cfg.horizon if cfg.sampling == "steps" else None
 
     def batch(policy, name):   # the mean return per episode, and the batch for the losses
         ep = compute_advantages(sample_steps(envs, policy, tasks, cfg.episodes, cfg.horizon, generator, name, oracle,
                                              budget), cfg.gamma, cfg.gae_lambda)
         return ep.mean_return().mean().item(), (pack_steps(ep) if budget else ep).to(device)
+    # Alg. 3 line 5: D_i with f_θ; line 6: the advantages for ∇θ L_Ti
     return_before, train_eps = batch(theta, "D_i")
     if inner_adapt is no_inner_loop:
         # the pretrained and oracle policies of Fig. 4/5: plain TRPO on the pooled batch D_i
-        fast, valid_eps, return_after = per_task({k: v.detach() for k, v in params.items()}, T), train_eps, return_before
+        fast = per_task({k: v.detach() for k, v in params.items()}, T)
+        valid_eps, return_after = train_eps, return_before
     else:
         # Alg. 3 line 7: θ'_i; line 8: D'_i with f_θ'_i
         fast = inner_adapt(per_task({k: v.detach().requires_grad_() for k, v in params.items()}, T),
