@@ -389,7 +389,8 @@ def gaussian_kl(old, new):
 class Episodes:
     """K episodes of H steps for each of T tasks. Steps after an episode ended are padding,
     with mask 0. obs (T, K, H, obs_dim), actions (T, K, H, A), rewards / mask / log_prob
-    (T, K, H); advantages (T, K, H) once computed."""
+    (T, K, H); advantages (T, K, H) once computed. pack_steps() makes it (T, 1, S), each task's
+    steps in one row, for the losses (which see steps, not episodes)."""
     obs: torch.Tensor
     actions: torch.Tensor
     rewards: torch.Tensor
