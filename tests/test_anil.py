@@ -321,7 +321,7 @@ def test_omniglot_cli_with_analyses_on_a_maml_checkpoint(omniglot_dir, tmp_path)
 
 def test_sinusoid_and_miniimagenet(mini_dir, capsys):
     r = anil.main(["--iterations", "5", "--test-tasks", "4", "--val-tasks", "2", "--eval-steps", "2"])
-    assert len(r["test"]["mse_by_step"]) == 3 and r["config"]["inner_lr"] == 0.01
+    assert len(r["test"]["mse_by_step"]) == 3 and r["config"]["inner_lr"] == maml.SINUSOID_AUTHORS_LR == 1e-3
     r = anil.main(["--dataset", "miniimagenet", "--data-dir", str(mini_dir), "--query", "2", *TINY])
     assert 0 <= r["test"]["acc"] <= 1 and r["config"]["inner_steps"] == 1
 

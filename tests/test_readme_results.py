@@ -111,6 +111,10 @@ COLUMNS = {
     # MAML Table 2: MSE of each K and model after k steps
     "k = 0": lambda j, r: sinusoid(j, r, 0), "k = 1": lambda j, r: sinusoid(j, r, 1),
     "k = 5": lambda j, r: sinusoid(j, r, 5), "k = 10": lambda j, r: sinusoid(j, r, 10),
+    # ... and why more steps looked worse at α = 0.01: maml.print_diagnosis()
+    "k = 10 without the worse tasks": lambda j, r: f"{j['diagnosis']['mean_without_worse'][1]:.3f}",
+    "tasks with αλ > 2 at θ′₁ (of 600)": lambda j, r: str(j["diagnosis"]["edge_tasks"]),
+    "tasks ≥ 2× worse after 10 steps than after 1": lambda j, r: str(j["diagnosis"]["worse_tasks"]),
     # Reptile Fig. 1: the sinusoid, one curve per model
     "MSE before adapting": lambda j, r: pair(j["test"][r["model"]]["mse_by_step"][0], 3),
     "MSE after 32 steps": lambda j, r: pair(j["test"][r["model"]]["mse_by_step"][-1], 3),
