@@ -59,8 +59,8 @@ PAPER_SETTINGS = {
                          outer_lr=1e-3, iterations=60000, clip_grad=10.0),
 }
 # The sinusoid's α as the authors ran it: cbfinn/maml's command for §5.1 sets no --update_lr, so it
-# runs at that flag's default, 1e-3 (its MSE is a mean, as ours). The printed 0.01 leaves a third of
-# the test tasks past the later steps' stability limit (README: why more steps looked worse).
+# runs at that flag's default, 1e-3 (its MSE is a mean, as ours). The printed 0.01 leaves a third or
+# more of the test tasks past the later steps' stability limit (README: why more steps looked worse).
 SINUSOID_AUTHORS_LR = 1e-3
 
 

@@ -496,9 +496,9 @@ def train(cfg, problem, sample_train, state):
 def train_maml_sinusoid(cfg, problem):
     """The MAML panel of Fig. 1: maml.py's second-order MAML with its §5.1 settings (1 step,
     α = 0.001 as the authors ran it, Adam 1e-3, 25 tasks) on the same 1→64→64→1 network and the
-    same §4 tasks (K points, loss on the 50 even points). Returns its φ and α: it is fine-tuned at test with its own α,
-    since MAML learns an initialization for that step size, and Reptile's α = 0.02 makes its 32
-    steps diverge."""
+    same §4 tasks (K points, loss on the 50 even points). Returns its φ and α: it is fine-tuned at
+    test with its own α, since MAML learns an initialization for that step size, and Reptile's
+    α = 0.02 makes its 32 steps diverge."""
     from tqdm import tqdm
     s = maml.paper_settings("sinusoid", 1, 10)
     mcfg = argparse.Namespace(inner_steps=s["inner_steps"], inner_lr=s["inner_lr"], first_order=False,

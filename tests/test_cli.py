@@ -167,7 +167,7 @@ def test_the_sinusoid_preset_leaves_few_tasks_past_the_stability_limit():
     of the trained model: a further step of α from θ'_1 diverges on a task whose support loss has
     curvature λ > 2/α there. Trained with the paper's printed α = 0.01 (the control), MAML leaves many
     more test tasks past that limit than trained with the preset, the authors' α = 0.001. 12,000
-    iterations each (about 40 s), the same seed and 200 test tasks. Measured on a 2-core AMD EPYC,
+    iterations each (about 45 s), the same seed and 200 test tasks. Measured on a 2-core AMD EPYC,
     seeds 0-3: preset 6 / 17 / 12 / 19 tasks, printed α 42 / 61 / 31 / 70, 2.6-7 times as many; if the
     preset were the printed α, the two runs would be the same run (ratio 1)."""
     def past_the_limit(extra):
