@@ -42,6 +42,13 @@ def sinusoid(j, row, k):
     return pair(j["test"][f"K={row['K']}"][model][k], 3)
 
 
+def model(j, row):
+    """A row named after its α ("MAML, α 0.001") must come from a run at that α."""
+    m = re.match(r"MAML, α ([\d.]+)", row["model"])
+    return row["model"] if m is None or float(m.group(1)) == j["config"]["inner_lr"] else \
+        f"a run at α {j['config']['inner_lr']:g}"
+
+
 def nil_entry(key):
     """A nil.py entry: {'accuracy', 'ci95'} or a paired difference {'mean', 'ci95'}, in %."""
     def cell(j, row):
@@ -112,6 +119,7 @@ COLUMNS = {
     "k = 0": lambda j, r: sinusoid(j, r, 0), "k = 1": lambda j, r: sinusoid(j, r, 1),
     "k = 5": lambda j, r: sinusoid(j, r, 5), "k = 10": lambda j, r: sinusoid(j, r, 10),
     # ... and why more steps looked worse at α = 0.01: maml.print_diagnosis()
+    "model": model,
     "k = 10 without the worse tasks": lambda j, r: f"{j['diagnosis']['mean_without_worse'][1]:.3f}",
     "tasks with αλ > 2 at θ′₁ (of 600)": lambda j, r: str(j["diagnosis"]["edge_tasks"]),
     "tasks ≥ 2× worse after 10 steps than after 1": lambda j, r: str(j["diagnosis"]["worse_tasks"]),
