@@ -21,7 +21,7 @@ Symbols (as in maml.py):
     α        inner_lr         inner-loop step size             β   outer_lr         Adam step size
     N, K, Q  ways, shots, query                                T   meta_batch_size  tasks per update
 
-Run:    python anil.py                                    (sinusoid regression, CPU, about a minute)
+Run:    python anil.py                                    (sinusoid regression, CPU, about 1.5 minutes)
         python anil.py --dataset omniglot --ways 20 --data-dir DIR
         python anil.py --load maml.pt --eval-only --freeze-table --similarity --plot sim.png
         python anil.py --timing                           (Table 4 on random tensors, no data)
